@@ -1,0 +1,2 @@
+"""Evaluation: multiple-choice log-likelihood scoring, generation with a refusal judge,
+safety tax, confidence intervals, and the MetricsReporter (JSON, CSV, Markdown, PNG)."""

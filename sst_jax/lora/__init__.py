@@ -1,0 +1,1 @@
+"""LoRA adapters as pytrees: PEFT import/export, exact ΔW algebra, folding, optax trainer."""

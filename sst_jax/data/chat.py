@@ -97,3 +97,21 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int, *,
         if loss_masks is not None:
             lmask[i, length - n:] = loss_masks[i]
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": lmask}
+
+
+def encode_plain(tokenizer, prefix: str, continuation: str, *,
+                 max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of raw text prefix + continuation, no chat template (lm-eval style).
+
+    Used for multiple-choice items, which lm-eval-harness scores on plain text: training a
+    utility adapter on this format teaches exactly what the MC evaluation measures.
+    """
+    bos = [int(tokenizer.bos_token_id)] if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None else []
+    pre = bos + list(tokenizer.encode(prefix, add_special_tokens=False))
+    cont = list(tokenizer.encode(continuation, add_special_tokens=False))
+    if not cont:
+        raise DatasetError(f"continuation {continuation!r} encodes to no tokens")
+    ids, mask = pre + cont, [0] * len(pre) + [1] * len(cont)
+    if max_length is not None and len(ids) > max_length:
+        ids, mask = ids[-max_length:], mask[-max_length:]
+    return ids, mask

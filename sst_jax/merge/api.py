@@ -1,0 +1,439 @@
+"""One interface for every merge method: registry, input validation, result and export.
+
+    result = merge("ties", [u1, u2], [0.5, 0.5], safety=s, alpha=1.0, density=0.2)
+    result.to_branches()            # {ModuleKey: (LowRank, ...)} for sst_jax.models.forward
+    result.to_dense()               # {ModuleKey: ΔW (out, in)}
+    result.to_peft(dir, rank=None)  # exact when low-rank, SVD-truncated (error reported) otherwise
+
+Inputs are validated once here (same base model, matching target modules, shapes, finite
+values, weights); methods receive a `MergeInputs` and return a `MergeResult`. Adapters may
+have different ranks. An adapter is a `sst_jax.lora.LoraAdapter` or a plain
+{ModuleKey: LowRank | tuple[LowRank, ...]} mapping.
+
+With a safety adapter S and weight α, methods that know nothing about safety (TA, TIES, DARE,
+magnitude pruning, Fisher merging) treat α·ΔW_S as one more task vector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from sst_jax.errors import AdapterMismatchError, NumericalError, SstJaxError
+from sst_jax.io_utils import stable_hash
+from sst_jax.models.branches import LowRank, ModuleKey, hf_module_path
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A registered merge method. exact: the result is kept as exact low-rank factors."""
+
+    name: str
+    fn: Callable[..., "MergeResult"]
+    exact: bool
+    data_aware: bool
+    doc: str
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(name: str, *, exact: bool, data_aware: bool = False):
+    """Decorator: `fn(inputs: MergeInputs, **hparams) -> MergeResult` becomes method `name`."""
+
+    def deco(fn):
+        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        _REGISTRY[name] = MethodSpec(name=name, fn=fn, exact=exact, data_aware=data_aware,
+                                     doc=(fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown merge method {name!r}; available: {list_methods()}")
+    return _REGISTRY[name]
+
+
+def list_methods() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeInputs:
+    """Validated inputs. utility[i] and safety map every key in `keys` to one LowRank
+    (a module an adapter does not target is absent from its dict: zero ΔW)."""
+
+    utility: tuple[dict[ModuleKey, LowRank], ...]
+    weights: tuple[float, ...]
+    names: tuple[str, ...]
+    keys: tuple[ModuleKey, ...]
+    shapes: dict[ModuleKey, tuple[int, int]]
+    safety: dict[ModuleKey, LowRank] | None = None
+    alpha: float = 1.0
+    base_model: str | None = None
+    model: Any = None
+    data: Any = None
+    key: jax.Array | None = None
+
+    def task_vectors(self, include_safety: bool = True) -> tuple[list[dict[ModuleKey, LowRank]], list[float], list[str]]:
+        """(adapters, weights, names), with (S, α, 'safety') appended when present."""
+        adapters, weights, names = list(self.utility), list(self.weights), list(self.names)
+        if include_safety and self.safety is not None:
+            adapters.append(self.safety)
+            weights.append(self.alpha)
+            names.append("safety")
+        return adapters, weights, names
+
+    def stacked_deltas(self, key: ModuleKey, include_safety: bool = True) -> tuple[jax.Array, jax.Array]:
+        """(ΔW stack (n, out, in) float32 with zeros for untargeted modules, weights (n,))."""
+        adapters, weights, _ = self.task_vectors(include_safety)
+        shape = self.shapes[key]
+        stack = [a[key].delta() if key in a else jnp.zeros(shape, jnp.float32) for a in adapters]
+        return jnp.stack(stack), jnp.asarray(weights, jnp.float32)
+
+    def utility_lowrank(self, key: ModuleKey) -> LowRank | None:
+        """Σ wᵢ ΔW_Uᵢ at `key` as exact concatenated factors (None if no utility targets it)."""
+        parts = [(a[key], w) for a, w in zip(self.utility, self.weights) if key in a]
+        return concat_lowrank(parts) if parts else None
+
+
+def concat_lowrank(parts: Sequence[tuple[LowRank, float]]) -> LowRank:
+    """Σ wᵢ·ΔWᵢ exactly as one LowRank: [w₁s₁B₁C₁ … wₙsₙBₙCₙ]·[A₁; …; Aₙ], scale 1 (rank Σrᵢ)."""
+    a = jnp.concatenate([jnp.asarray(lr.a, jnp.float32) for lr, _ in parts], axis=0)
+    bs = []
+    for lr, w in parts:
+        b = jnp.asarray(lr.b, jnp.float32)
+        if lr.core is not None:
+            b = b @ jnp.asarray(lr.core, jnp.float32)
+        bs.append(b * (jnp.asarray(lr.scale, jnp.float32) * w))
+    return LowRank(a=a, b=jnp.concatenate(bs, axis=1), scale=1.0)
+
+
+def _lowrank_shape(lr: LowRank) -> tuple[int, int]:
+    return int(lr.b.shape[0]), int(lr.a.shape[1])
+
+
+def _as_lowrank_map(adapter: Any, name: str) -> tuple[dict[ModuleKey, LowRank], str | None]:
+    """{ModuleKey: LowRank} and the base model id (None if unknown) of one adapter."""
+    if hasattr(adapter, "low_rank") and hasattr(adapter, "meta"):
+        return dict(adapter.low_rank()), getattr(adapter.meta, "base_model", None)
+    if isinstance(adapter, MergeResult):
+        return {k: concat_lowrank([(lr, 1.0) for lr in v]) for k, v in adapter.to_branches().items()}, \
+            adapter.report.get("base_model")
+    if isinstance(adapter, Mapping):
+        out = {}
+        for k, v in adapter.items():
+            if not (isinstance(k, tuple) and len(k) == 2):
+                raise AdapterMismatchError(f"adapter {name!r}: module key {k!r} is not a (layer, module) pair")
+            if isinstance(v, LowRank):
+                out[(int(k[0]), str(k[1]))] = v
+            elif isinstance(v, (tuple, list)) and v and all(isinstance(x, LowRank) for x in v):
+                out[(int(k[0]), str(k[1]))] = v[0] if len(v) == 1 else concat_lowrank([(x, 1.0) for x in v])
+            else:
+                raise AdapterMismatchError(f"adapter {name!r}, module {hf_module_path(k)}: expected LowRank "
+                                           f"branches, got {type(v).__name__}")
+        return out, None
+    raise AdapterMismatchError(f"adapter {name!r}: expected a LoraAdapter or a {{ModuleKey: LowRank}} mapping, "
+                               f"got {type(adapter).__name__}")
+
+
+def _adapter_name(adapter: Any, default: str) -> str:
+    meta = getattr(adapter, "meta", None)
+    return str(getattr(meta, "name", default)) if meta is not None else default
+
+
+def _check_finite(lrmap: Mapping[ModuleKey, LowRank], name: str) -> None:
+    for key, lr in lrmap.items():
+        for field in ("a", "b", "core", "scale"):
+            x = getattr(lr, field)
+            if x is not None and not bool(np.all(np.isfinite(np.asarray(x, np.float64)))):
+                raise NumericalError(f"adapter {name!r}, module {hf_module_path(key)}: {field} has NaN/Inf entries")
+
+
+def validate_inputs(utility_adapters: Sequence[Any], weights: Sequence[float] | None = None, *,
+                    safety: Any = None, alpha: float = 1.0, model: Any = None, modules: str = "strict",
+                    names: Sequence[str] | None = None, data: Any = None,
+                    key: jax.Array | None = None) -> MergeInputs:
+    """Normalize and check merge inputs; raise AdapterMismatchError / NumericalError on bad input.
+
+    modules: "strict" (every adapter must target the same modules) or "union" (a module an
+    adapter does not target counts as ΔW = 0 for it).
+    """
+    if isinstance(utility_adapters, Mapping) or hasattr(utility_adapters, "low_rank"):
+        utility_adapters = [utility_adapters]
+    utility_adapters = list(utility_adapters)
+    if not utility_adapters:
+        raise AdapterMismatchError("merge needs at least one utility adapter; got an empty list")
+    n = len(utility_adapters)
+    if names is None:
+        names = [_adapter_name(a, f"utility[{i}]") for i, a in enumerate(utility_adapters)]
+    names = [str(x) for x in names]
+    if len(names) != n:
+        raise ValueError(f"got {len(names)} names for {n} utility adapters")
+    weights = [1.0] * n if weights is None else [float(w) for w in np.asarray(weights, np.float64).reshape(-1)]
+    if len(weights) != n:
+        raise ValueError(f"got {len(weights)} weights for {n} utility adapters ({names})")
+    if not all(math.isfinite(w) for w in weights) or not math.isfinite(float(alpha)):
+        raise NumericalError(f"merge weights must be finite; got weights={weights}, alpha={alpha}")
+    if modules not in ("strict", "union"):
+        raise ValueError(f"modules must be 'strict' or 'union', got {modules!r}")
+
+    maps, bases = [], []
+    for a, nm in zip(utility_adapters, names):
+        m, base = _as_lowrank_map(a, nm)
+        maps.append(m)
+        bases.append((nm, base))
+    safety_map = None
+    if safety is not None:
+        safety_map, sbase = _as_lowrank_map(safety, "safety")
+        bases.append(("safety", sbase))
+    all_maps = maps + ([safety_map] if safety_map is not None else [])
+    all_names = names + (["safety"] if safety_map is not None else [])
+
+    known = {b for _, b in bases if b}
+    if len(known) > 1:
+        listing = ", ".join(f"{nm}: {b!r}" for nm, b in bases if b)
+        raise AdapterMismatchError(f"adapters were trained on different base models ({listing}); "
+                                   "merging them is meaningless")
+    for m, nm in zip(all_maps, all_names):
+        if not m:
+            raise AdapterMismatchError(f"adapter {nm!r} targets no modules")
+        _check_finite(m, nm)
+
+    key_sets = [set(m) for m in all_maps]
+    union = set().union(*key_sets)
+    if modules == "strict":
+        for m, nm in zip(all_maps, all_names):
+            missing, extra = sorted(union - set(m)), sorted(set(m) - key_sets[0])
+            if missing or extra:
+                diff = [hf_module_path(k) for k in (missing or extra)][:4]
+                raise AdapterMismatchError(
+                    f"adapter {nm!r} targets different modules than {all_names[0]!r} "
+                    f"(e.g. {'missing' if missing else 'extra'}: {diff}); pass modules='union' to treat an "
+                    "untargeted module as ΔW = 0")
+        if not set.intersection(*key_sets):
+            raise AdapterMismatchError(f"adapters {all_names} target disjoint module sets")
+
+    shapes: dict[ModuleKey, tuple[int, int]] = {}
+    for m, nm in zip(all_maps, all_names):
+        for k, lr in m.items():
+            if lr.a.ndim != 2 or lr.b.ndim != 2:
+                raise AdapterMismatchError(f"adapter {nm!r}, module {hf_module_path(k)}: A and B must be matrices, "
+                                           f"got shapes {lr.a.shape}, {lr.b.shape}")
+            r_in = lr.a.shape[0] if lr.core is None else lr.core.shape[1]
+            r_out = lr.b.shape[1] if lr.core is None else lr.core.shape[0]
+            if lr.a.shape[0] != r_in or lr.b.shape[1] != r_out:
+                raise AdapterMismatchError(f"adapter {nm!r}, module {hf_module_path(k)}: inconsistent factor "
+                                           f"shapes A {lr.a.shape}, B {lr.b.shape}, core "
+                                           f"{None if lr.core is None else lr.core.shape}")
+            shape = _lowrank_shape(lr)
+            if k in shapes and shapes[k] != shape:
+                raise AdapterMismatchError(f"adapter {nm!r}, module {hf_module_path(k)}: ΔW shape {shape} differs "
+                                           f"from another adapter's {shapes[k]}")
+            shapes[k] = shape
+    if model is not None:
+        config = getattr(model, "config", model)
+        for k, shape in shapes.items():
+            if not 0 <= k[0] < int(config.n_layers):
+                raise AdapterMismatchError(f"module {hf_module_path(k)} is beyond the base model's "
+                                           f"{config.n_layers} layers")
+            want = tuple(int(x) for x in config.module_shape(k[1]))
+            if want != shape:
+                who = [nm for m, nm in zip(all_maps, all_names) if k in m]
+                raise AdapterMismatchError(
+                    f"adapter {who[0]!r} targets {hf_module_path(k)} with ΔW of shape {shape} but the base model "
+                    f"{getattr(model, 'name', '')!r} has {want}. Was it trained on another base model?")
+    return MergeInputs(utility=tuple(maps), weights=tuple(weights), names=tuple(names),
+                       keys=tuple(sorted(union)), shapes=shapes, safety=safety_map, alpha=float(alpha),
+                       base_model=next(iter(known)) if known else None, model=model, data=data, key=key)
+
+
+# ----------------------------------------------------------------------------- result
+
+
+def _dense_to_lowrank(delta: jax.Array) -> LowRank:
+    """A full-rank LowRank holding ΔW exactly (identity on the smaller side)."""
+    out_dim, in_dim = delta.shape
+    if out_dim <= in_dim:
+        return LowRank(a=delta, b=jnp.eye(out_dim, dtype=delta.dtype), scale=1.0)
+    return LowRank(a=jnp.eye(in_dim, dtype=delta.dtype), b=delta, scale=1.0)
+
+
+def svd_truncate_dense(delta: jax.Array, rank: int) -> tuple[LowRank, float]:
+    """Best rank-`rank` approximation (Eckart–Young) and its relative Frobenius error."""
+    u, s, vt = jnp.linalg.svd(jnp.asarray(delta, jnp.float32), full_matrices=False)
+    rank = min(int(rank), int(s.shape[0]))
+    total = float(jnp.sqrt(jnp.sum(s**2)))
+    err = float(jnp.sqrt(jnp.sum(s[rank:] ** 2))) / total if total > 0 else 0.0
+    return LowRank(a=vt[:rank], b=u[:, :rank] * s[:rank], scale=1.0), err
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    """A merged ΔW per module: exact low-rank `factors` (several branches may share a module,
+    they add up) and/or `dense` ΔW (out, in). `report` is JSON-able."""
+
+    method: str
+    factors: dict[ModuleKey, tuple[LowRank, ...]]
+    dense: dict[ModuleKey, jax.Array]
+    report: dict
+
+    @property
+    def keys(self) -> tuple[ModuleKey, ...]:
+        return tuple(sorted(set(self.factors) | set(self.dense)))
+
+    @property
+    def exact(self) -> bool:
+        return not self.dense
+
+    def to_branches(self) -> dict[ModuleKey, tuple[LowRank, ...]]:
+        """Side branches for `forward`; a dense ΔW becomes one full-rank LowRank (exact)."""
+        out = {k: tuple(v) for k, v in self.factors.items()}
+        for k, d in self.dense.items():
+            out[k] = out.get(k, ()) + (_dense_to_lowrank(d),)
+        return {k: out[k] for k in sorted(out)}
+
+    def delta(self, key: ModuleKey) -> jax.Array:
+        total = None
+        for lr in self.factors.get(key, ()):
+            total = lr.delta() if total is None else total + lr.delta()
+        if key in self.dense:
+            d = jnp.asarray(self.dense[key], jnp.float32)
+            total = d if total is None else total + d
+        return total
+
+    def to_dense(self) -> dict[ModuleKey, jax.Array]:
+        return {k: self.delta(k) for k in self.keys}
+
+    def rank(self, key: ModuleKey) -> int | None:
+        """Rank of the exact factor form (Σ branch ranks); None for a dense module."""
+        if key in self.dense:
+            return None
+        return int(sum(lr.a.shape[0] for lr in self.factors[key]))
+
+    def to_lowrank(self, rank: int | None = None) -> tuple[dict[ModuleKey, LowRank], dict[str, float]]:
+        """One LowRank per module: exact for factor modules (branches concatenated);
+        dense modules SVD-truncated at `rank` (required then). Returns (modules, rel. errors)."""
+        out, errors = {}, {}
+        for k in self.keys:
+            if k in self.dense:
+                if rank is None:
+                    raise SstJaxError(f"merge {self.method!r} produced a dense ΔW at {hf_module_path(k)}; "
+                                      "exporting it as LoRA needs a stated rank (to_peft(dir, rank=...))")
+                out[k], errors[hf_module_path(k)] = svd_truncate_dense(self.delta(k), rank)
+            else:
+                out[k] = concat_lowrank([(lr, 1.0) for lr in self.factors[k]])
+        return out, errors
+
+    def to_adapter(self, rank: int | None = None, *, name: str | None = None):
+        """A `sst_jax.lora.LoraAdapter` (per-module rank and α = rank, so s = 1) and the
+        relative truncation error of each SVD-truncated module."""
+        from sst_jax.lora.adapter import from_low_rank
+
+        modules, errors = self.to_lowrank(rank)
+        adapter = from_low_rank(modules, base_model=self.report.get("base_model"), name=name or self.method)
+        return adapter, errors
+
+    def to_peft(self, directory: str, rank: int | None = None, *, name: str | None = None) -> dict[str, float]:
+        """Write a PEFT adapter directory; returns {module path: relative truncation error}."""
+        from sst_jax import lora
+
+        adapter, errors = self.to_adapter(rank, name=name)
+        lora.save_peft(adapter, directory)
+        if errors:
+            logging.info("exported %s at rank %d; max relative truncation error %.3g", self.method, rank,
+                         max(errors.values()))
+        return errors
+
+
+def module_report(result_factors: Mapping[ModuleKey, tuple[LowRank, ...]],
+                  dense: Mapping[ModuleKey, jax.Array]) -> dict[str, dict]:
+    """Per-module rank (None when dense) and ‖ΔW‖_F."""
+    out = {}
+    for k in sorted(set(result_factors) | set(dense)):
+        total = sum((lr.delta() for lr in result_factors.get(k, ())), jnp.zeros(()))
+        if k in dense:
+            total = total + dense[k]
+        out[hf_module_path(k)] = {
+            "rank": None if k in dense else int(sum(lr.a.shape[0] for lr in result_factors[k])),
+            "norm": float(jnp.linalg.norm(total)),
+        }
+    return out
+
+
+def make_result(method: str, inputs: MergeInputs, *, factors: Mapping[ModuleKey, tuple[LowRank, ...]] | None = None,
+                dense: Mapping[ModuleKey, jax.Array] | None = None, hparams: Mapping[str, Any] | None = None,
+                stats: Mapping[str, Mapping[str, Any]] | None = None) -> MergeResult:
+    """MergeResult with the common report (ranks, norms, weights) plus method stats per module."""
+    factors = {k: tuple(v) for k, v in sorted((factors or {}).items())}
+    dense = {k: v for k, v in sorted((dense or {}).items())}
+    modules = module_report(factors, dense)
+    for path, extra in (stats or {}).items():
+        modules.setdefault(path, {}).update(extra)
+    report = {
+        "method": method,
+        "hparams": {k: v for k, v in (hparams or {}).items() if _jsonable(v)},
+        "adapters": list(inputs.names) + (["safety"] if inputs.safety is not None else []),
+        "weights": list(inputs.weights),
+        "alpha": inputs.alpha if inputs.safety is not None else None,
+        "base_model": inputs.base_model,
+        "exact": not dense,
+        "modules": modules,
+    }
+    return MergeResult(method=method, factors=factors, dense=dense, report=report)
+
+
+def _jsonable(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (
+        isinstance(v, (tuple, list)) and all(isinstance(x, (bool, int, float, str)) for x in v))
+
+
+def module_hash(module: ModuleKey) -> int:
+    """A stable 28-bit integer of the module path (same across runs and machines)."""
+    return int(stable_hash(hf_module_path(module), length=7), 16)
+
+
+def module_seed(key: jax.Array, module: ModuleKey, *extra: int) -> jax.Array:
+    """PRNG key for one module: fold_in(key, hash(module path), *extra). Independent of the
+    order modules are visited in, and of which other modules exist."""
+    k = jax.random.fold_in(key, module_hash(module))
+    for e in extra:
+        k = jax.random.fold_in(k, int(e))
+    return k
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def merge(method: str, utility_adapters: Sequence[Any] | Any, weights: Sequence[float] | None = None, *,
+          safety: Any = None, alpha: float = 1.0, model: Any = None, data: Any = None,
+          key: jax.Array | None = None, modules: str = "strict", names: Sequence[str] | None = None,
+          **hparams) -> MergeResult:
+    """Merge utility adapters (weights default to 1) and an optional safety adapter (weight α).
+
+    method: a name from `list_methods()`; hparams go to the method (see its docstring).
+    model/data: the base model and datasets a data-aware method needs, unless its Fishers are
+    passed precomputed (e.g. `fishers=` for sst/agl/fisher): see each method.
+    key: PRNG key for random methods (DARE); they default to `seed=0` otherwise.
+    """
+    spec = get_method(method)
+    inputs = validate_inputs(utility_adapters, weights, safety=safety, alpha=alpha, model=model,
+                             modules=modules, names=names, data=data, key=key)
+    result = spec.fn(inputs, **hparams)
+    logging.info("merged %d adapter(s)%s with %s over %d modules", len(inputs.utility),
+                 " + safety" if inputs.safety is not None else "", method, len(result.keys))
+    return result

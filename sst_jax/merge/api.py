@@ -273,15 +273,6 @@ def _dense_to_lowrank(delta: jax.Array) -> LowRank:
     return LowRank(a=jnp.eye(in_dim, dtype=delta.dtype), b=delta, scale=1.0)
 
 
-def svd_truncate_dense(delta: jax.Array, rank: int) -> tuple[LowRank, float]:
-    """Best rank-`rank` approximation (Eckart–Young) and its relative Frobenius error."""
-    u, s, vt = jnp.linalg.svd(jnp.asarray(delta, jnp.float32), full_matrices=False)
-    rank = min(int(rank), int(s.shape[0]))
-    total = float(jnp.sqrt(jnp.sum(s**2)))
-    err = float(jnp.sqrt(jnp.sum(s[rank:] ** 2))) / total if total > 0 else 0.0
-    return LowRank(a=vt[:rank], b=u[:, :rank] * s[:rank], scale=1.0), err
-
-
 @dataclasses.dataclass(frozen=True)
 class MergeResult:
     """A merged ΔW per module: exact low-rank `factors` (several branches may share a module,
@@ -328,13 +319,16 @@ class MergeResult:
     def to_lowrank(self, rank: int | None = None) -> tuple[dict[ModuleKey, LowRank], dict[str, float]]:
         """One LowRank per module: exact for factor modules (branches concatenated);
         dense modules SVD-truncated at `rank` (required then). Returns (modules, rel. errors)."""
+        from sst_jax.lora.algebra import svd_truncate
+
         out, errors = {}, {}
         for k in self.keys:
             if k in self.dense:
                 if rank is None:
                     raise SstJaxError(f"merge {self.method!r} produced a dense ΔW at {hf_module_path(k)}; "
                                       "exporting it as LoRA needs a stated rank (to_peft(dir, rank=...))")
-                out[k], errors[hf_module_path(k)] = svd_truncate_dense(self.delta(k), rank)
+                low, err = svd_truncate(self.delta(k), rank)
+                out[k], errors[hf_module_path(k)] = low, float(err)
             else:
                 out[k] = concat_lowrank([(lr, 1.0) for lr in self.factors[k]])
         return out, errors
@@ -350,14 +344,27 @@ class MergeResult:
 
     def to_peft(self, directory: str, rank: int | None = None, *, name: str | None = None) -> dict[str, float]:
         """Write a PEFT adapter directory; returns {module path: relative truncation error}."""
-        from sst_jax import lora
+        from sst_jax.lora.peft_io import save_peft
 
         adapter, errors = self.to_adapter(rank, name=name)
-        lora.save_peft(adapter, directory)
+        save_peft(adapter, directory)
         if errors:
             logging.info("exported %s at rank %d; max relative truncation error %.3g", self.method, rank,
                          max(errors.values()))
         return errors
+
+
+    def to_merged_params(self, model) -> Any:
+        """The base model's params with W ← W + ΔW folded in (exact, dense)."""
+        from sst_jax.lora.algebra import fold
+
+        return fold(model.params, self.to_dense(), model.config)
+
+    def to_merged_hf(self, model, directory: str) -> None:
+        """Write the merged full weights as an HF model directory (exact for every method)."""
+        from sst_jax.lora.algebra import export_merged_hf
+
+        export_merged_hf(model, self.to_merged_params(model), directory)
 
 
 def module_report(result_factors: Mapping[ModuleKey, tuple[LowRank, ...]],

@@ -5,7 +5,7 @@ import numpy as np
 
 from sst_jax.models.branches import LowRank
 
-SHAPES = {"q_proj": (8, 6), "v_proj": (4, 6), "down_proj": (6, 10)}
+SHAPES = {"q_proj": (8, 6), "v_proj": (4, 6), "down_proj": (6, 10)}  # as the tiny PEFT Llama in test_merge_peft
 
 
 def random_adapter(rng: np.random.Generator, r: int, *, layers=(0, 1), modules=tuple(SHAPES), scale=2.0):

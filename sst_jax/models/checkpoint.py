@@ -96,7 +96,7 @@ def _empty_like(shapes: Params) -> Params:
 
 
 def assemble(config: DecoderConfig, tensors: Iterator[tuple[str, str, Path | None, Callable[[], np.ndarray]]],
-             *, total: int | None = None, desc: str = "loading") -> Params:
+             *, source: str, total: int | None = None, desc: str = "loading") -> Params:
     """Build the params pytree from (file, key, path, load) items, checking names and shapes.
 
     `load` is called only for mapped keys, so unknown tensors fail before anything is read.
@@ -124,7 +124,8 @@ def assemble(config: DecoderConfig, tensors: Iterator[tuple[str, str, Path | Non
     missing = [p for p in expected if p not in seen]
     if missing:
         names = [".".join(str(x) for x in p) for p in missing[:5]]
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensors, e.g. {names}")
+        raise CheckpointError(f"{source}: checkpoint is missing {len(missing)} tensors the config "
+                              f"needs, e.g. {names}")
     return params
 
 
@@ -172,7 +173,8 @@ def load_safetensors(config: DecoderConfig, files: list[str]) -> Params:
                     yield file, key, map_key(key, _HF_TABLE), (lambda f=f, key=key: f.get_tensor(key))
 
     logging.info("loading %d safetensors file(s) from %s", len(files), os.path.dirname(files[0]))
-    return assemble(config, items(), desc="safetensors")
+    source = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} shards)"
+    return assemble(config, items(), source=source, desc="safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,4 +258,4 @@ def load_gguf(file: str, *, dtype: str = "float32") -> tuple[DecoderConfig, Para
             path = map_key(t.name, _GGUF_TABLE)
             yield file, t.name, path, (lambda t=t, path=path: load(t, path))
 
-    return config, assemble(config, items(), total=len(reader.tensors), desc="gguf")
+    return config, assemble(config, items(), source=file, total=len(reader.tensors), desc="gguf")

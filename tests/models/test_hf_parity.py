@@ -58,6 +58,13 @@ def pair(request, tmp_path_factory):
     return request.param, hf, load_model(str(d))
 
 
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama-only")
+    hf = _build("llama", d)
+    return "llama", hf, load_model(str(d))
+
+
 def _batch(seed=0, b=3, t=12, pad=(0, 5, 2)):
     r = np.random.default_rng(seed)
     ids = r.integers(3, 512, size=(b, t)).astype(np.int32)
@@ -209,3 +216,68 @@ def test_lora_branches_match_peft(pair):
     valid = mask.astype(bool)
     assert np.abs(ref - base)[valid].max() > 1e-2  # the adapter really changes the logits
     np.testing.assert_allclose(ours[valid], ref[valid], atol=TOL, rtol=0)
+
+
+def test_nnx_decoder_module_matches_hf(pair):
+    from flax import nnx
+
+    _, hf, m = pair
+    module = llama.Decoder.from_params(m.config, m.params)
+    n_weights = len(jax.tree.leaves(nnx.state(module, nnx.Param)))
+    assert n_weights == len(jax.tree.leaves(m.params))
+    ids, mask = _batch()
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(module(ids, mask))[valid], _hf_logits(hf, ids, mask)[valid],
+                               atol=TOL, rtol=0)
+
+
+def test_zero_output_tap_gradient_is_torch_output_gradient(llama_pair):
+    """∂L/∂(zero OutputTap on v_proj of layer 1) equals torch autograd's grad of that output."""
+    from sst_jax.models import OutputTap
+
+    _, hf, m = llama_pair
+    ids, mask = _batch()
+    w = np.random.default_rng(5).standard_normal((*ids.shape, 512)).astype(np.float32) * mask[..., None]
+    kept = {}
+
+    def hook(mod, args, out):
+        out.retain_grad()
+        kept["y"] = out
+
+    h = hf.model.layers[1].self_attn.v_proj.register_forward_hook(hook)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    logits = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                position_ids=torch.tensor(pos, dtype=torch.long)).logits
+    (logits * torch.tensor(w)).sum().backward()
+    h.remove()
+    ref = kept["y"].grad.numpy()
+    hf.zero_grad()
+
+    def loss(delta):
+        out = forward(m.config, m.params, ids, mask, branches={(1, "v_proj"): (OutputTap(delta),)})
+        return (out * w).sum()
+
+    got = jax.grad(loss)(jnp.zeros((*ids.shape, m.config.kv_dim)))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[valid], ref[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_dropout_touches_branch_inputs_only(llama_pair):
+    _, _, m = llama_pair
+    ids, mask = _batch()
+    r = np.random.default_rng(3)
+    br = {(0, "up_proj"): (LowRank(a=jnp.asarray(r.standard_normal((4, 64)), jnp.float32) * 0.1,
+                                   b=jnp.asarray(r.standard_normal((128, 4)), jnp.float32) * 0.1, scale=2.0),)}
+    base = forward(m.config, m.params, ids, mask)
+    k = jax.random.key(0)
+    # Without branches dropout has nothing to act on.
+    np.testing.assert_array_equal(forward(m.config, m.params, ids, mask, dropout_rate=0.5, dropout_key=k), base)
+    full = forward(m.config, m.params, ids, mask, branches=br)
+    d1 = forward(m.config, m.params, ids, mask, branches=br, dropout_rate=0.5, dropout_key=k)
+    d1b = forward(m.config, m.params, ids, mask, branches=br, dropout_rate=0.5, dropout_key=k)
+    d2 = forward(m.config, m.params, ids, mask, branches=br, dropout_rate=0.5, dropout_key=jax.random.key(1))
+    np.testing.assert_array_equal(d1, d1b)  # keyed
+    assert np.abs(np.asarray(d1 - d2)).max() > 1e-4 and np.abs(np.asarray(d1 - full)).max() > 1e-4
+    # Dropping every input of the branch leaves exactly the base model.
+    np.testing.assert_allclose(forward(m.config, m.params, ids, mask, branches=br, dropout_rate=1.0 - 1e-9,
+                                       dropout_key=k), base, atol=1e-6)

@@ -25,7 +25,7 @@ def x64():
         yield
 
 
-@pytest.mark.parametrize("n", [4, 16, 64, 256, 1024])
+@pytest.mark.parametrize("n", [4, 64, 1024])
 def test_eigenvalues_match_scipy_float64(x64, rng, n):
     a, b = spd_pair(rng, n)
     w, v = generalized_eigh(a, b)
@@ -34,7 +34,7 @@ def test_eigenvalues_match_scipy_float64(x64, rng, n):
     np.testing.assert_allclose(np.asarray(w), w_ref, rtol=1e-10, atol=1e-10 * w_ref[0])
 
 
-@pytest.mark.parametrize("n", [4, 64, 256])
+@pytest.mark.parametrize("n", [16, 256])
 def test_residual_and_b_orthonormality_float64(x64, rng, n):
     a, b = spd_pair(rng, n)
     w, v = (np.asarray(t) for t in generalized_eigh(a, b))
@@ -42,7 +42,7 @@ def test_residual_and_b_orthonormality_float64(x64, rng, n):
     assert np.abs(v.T @ b @ v - np.eye(n)).max() < 1e-11
 
 
-@pytest.mark.parametrize("n", [4, 64, 256])
+@pytest.mark.parametrize("n", [8, 128])
 def test_float32_within_1e4_relative(rng, n):
     a, b = spd_pair(rng, n)
     w, v = generalized_eigh(a.astype(np.float32), b.astype(np.float32))

@@ -32,7 +32,7 @@ from absl import logging
 from jax.sharding import Mesh, PartitionSpec
 from tqdm.auto import tqdm
 
-from sst_jax.fisher.per_sample import FisherStats, accumulate
+from sst_jax.fisher.per_sample import FisherStats, _pad, accumulate
 from sst_jax.models import forward
 from sst_jax.models.branches import Branches, LowRank, ModuleKey, OutputTap, add_branches
 from sst_jax.models.loss import response_nll
@@ -283,8 +283,6 @@ def kfac_accumulate(tap_loss_fn, fixed, batches: Iterable[Any], out_dims: Mappin
                     progress: bool = True) -> KfacFactors:
     """K-FAC factors from zero-perturbation taps (see `kfac_sums`); A averaged over the masked
     positions of all samples, G summed over positions and averaged over samples."""
-    from sst_jax.fisher.per_sample import _pad  # the same masked padding as accumulate
-
     step = _compiled_kfac(tap_loss_fn, tuple(sorted(out_dims.items(), key=repr)),
                           tuple(sorted(in_dims.items(), key=repr)), chunk, mesh, axis)
     n_dev = 1 if mesh is None else int(mesh.shape[axis])

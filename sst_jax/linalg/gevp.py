@@ -106,6 +106,17 @@ def generalized_eigh(a: jax.Array, b: jax.Array, *, damping: float = 0.0,
     return w, v
 
 
+def generalized_eigh_traced(a: jax.Array, b: jax.Array, *, damping: float | jax.Array = 0.0,
+                            top_k: int | None = None, rcond: float | None = None):
+    """`generalized_eigh` usable inside jit: returns (eigvals, eigvecs, ok) where ok (...) is
+    False where B_δ is not PD at working precision (those entries are NaN or meaningless)."""
+    dtype = jnp.result_type(a.dtype, b.dtype, jnp.float32)
+    n = a.shape[-1]
+    w, v, finite, ratio = _reduce_and_solve(a.astype(dtype), b.astype(dtype), jnp.asarray(damping, dtype), top_k)
+    tol = n * float(jnp.finfo(dtype).eps) if rcond is None else rcond
+    return w, v, finite & (ratio > tol)
+
+
 def _first(mask: np.ndarray) -> tuple[int, ...]:
     """Index of the first True entry of a (possibly 0-d) mask, as a tuple."""
     if mask.ndim == 0:

@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 
 from sst_jax.errors import NumericalError
-from sst_jax.linalg import check_positive_definite, generalized_eigh
+from sst_jax.linalg import check_positive_definite, generalized_eigh, generalized_eigh_traced
 
 
 def spd(rng, n, *, samples=None, scale=1.0):
@@ -142,3 +142,12 @@ def test_nan_input_is_an_error_not_nans(rng):
     a[1, 2] = np.nan
     with pytest.raises(NumericalError, match="NaN"):
         generalized_eigh(a, b)
+
+
+def test_traced_variant_flags_bad_batch_entries_inside_jit(rng):
+    a = np.stack([spd(rng, 6), spd(rng, 6)]).astype(np.float32)
+    b = a.copy()
+    b[1] = np.diag([1.0, 1.0, 1.0, 1.0, 1.0, -2.0])
+    w, v, ok = jax.jit(lambda x, y: generalized_eigh_traced(x, y, damping=0.1))(a, b)
+    np.testing.assert_array_equal(ok, [True, False])
+    np.testing.assert_allclose(w[0], generalized_eigh(a[0], b[0], damping=0.1)[0], rtol=1e-6)

@@ -216,3 +216,17 @@ def test_saving_nan_adapter_writes_nothing(patterned, tmp_path):
         save_peft(bad, tmp_path / "old")
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_adapter_on_some_layers_exports_layers_to_transform_that_peft_honours(tmp_path):
+    import jax
+
+    from sst_jax.models.config import DecoderConfig
+
+    cfg = DecoderConfig.from_hf(tiny_llama(0).config)
+    adapter = init_lora(jax.random.key(0), cfg, targets=["v_proj", "up_proj"], r=2, alpha=2, layers=[1])
+    save_peft(adapter, tmp_path / "l1")
+    assert json.loads((tmp_path / "l1" / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    reloaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "l1")
+    assert set(lora_layers(reloaded)) == {(1, "v_proj"), (1, "up_proj")}
+    assert load_peft(tmp_path / "l1").meta.layers == (1,)

@@ -20,6 +20,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from tqdm.auto import tqdm
 
 from sst_jax.data.chat import collate, encode_chat, encode_plain, encode_prompt
@@ -78,8 +79,10 @@ def decode_responses(tokenizer, tokens: np.ndarray, eos_ids: set[int]) -> list[s
 
 def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
                        max_new_tokens: int = 64, batch_size: int = 16, system: str | None = None,
-                       progress: bool = True, desc: str = "generate") -> tuple[list[str], float]:
-    """Greedy chat responses, in input order; also returns generated tokens per second.
+                       progress: bool = True, desc: str = "generate",
+                       stats: dict | None = None) -> list[str]:
+    """Greedy chat responses, in input order. If `stats` is a dict, it receives the number of
+    generated tokens, seconds and tokens per second.
 
     Prompts are processed in order of length (less padding per bucket); every batch has
     `batch_size` rows (the last padded by repetition) so shapes repeat.
@@ -106,7 +109,12 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
         bar.update(len(idx))
         bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - start, 1e-9):.0f}")
     bar.close()
-    return responses, n_tokens / max(time.perf_counter() - start, 1e-9)
+    seconds = time.perf_counter() - start
+    if stats is not None:
+        stats.update(tokens=n_tokens, seconds=seconds, tokens_per_second=n_tokens / max(seconds, 1e-9))
+    logging.info("%s: %d prompts, %d tokens in %.1fs (%.0f tok/s)", desc, len(prompts), n_tokens,
+                 seconds, n_tokens / max(seconds, 1e-9))
+    return responses
 
 
 def evaluate_refusal(model, params, prompts: Sequence[Prompt | str], *, branches=None,
@@ -124,16 +132,18 @@ def evaluate_refusal(model, params, prompts: Sequence[Prompt | str], *, branches
     items = _as_prompts(prompts)
     texts = [p.text for p in items]
     start = time.perf_counter()
-    responses, tok_s = generate_responses(model, params, texts, branches=branches,
-                                          max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                          system=system, progress=progress, desc=desc)
+    stats: dict = {}
+    responses = generate_responses(model, params, texts, branches=branches,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   system=system, progress=progress, desc=desc, stats=stats)
     verdicts = judge(texts, responses)
     records = tuple(RefusalRecord(prompt=p.text, response=r, refused=bool(v),
                                   degenerate=is_degenerate(r), category=p.category)
                     for p, r, v in zip(items, responses, verdicts))
     return RefusalResult(records=records, rate=proportion([r.refused for r in records]),
                          judge=getattr(judge, "name", type(judge).__name__),
-                         seconds=time.perf_counter() - start, tokens_per_second=tok_s)
+                         seconds=time.perf_counter() - start,
+                         tokens_per_second=stats["tokens_per_second"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +154,9 @@ def evaluate_refusal(model, params, prompts: Sequence[Prompt | str], *, branches
 class NLLResult:
     per_item: tuple[float, ...]  # mean NLL per response token, per item
     mean: Estimate  # mean over items, bootstrap CI
+
+    def as_dict(self) -> dict:
+        return self.mean.as_dict()
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

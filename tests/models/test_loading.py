@@ -236,3 +236,22 @@ def test_not_a_gguf_file(tmp_path):
     bad.write_bytes(b"definitely not gguf" * 10)
     with pytest.raises(CheckpointError, match=r"model\.gguf: not a GGUF file"):
         load_model(str(bad))
+
+
+def test_bfloat16_load_keeps_float32_logits_close_to_hf_float32(hf_dir):
+    import jax.numpy as jnp
+
+    from sst_jax.models import forward
+
+    m = load_model(hf_dir, dtype="bfloat16")
+    assert m.params["layers"][0]["q_proj"]["weight"].dtype == jnp.bfloat16
+    ids = np.random.default_rng(0).integers(3, 512, size=(2, 10)).astype(np.int32)
+    mask = np.ones_like(ids)
+    ours = np.asarray(forward(m.config, m.params, ids, mask))
+    assert ours.dtype == np.float32
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    scale = np.abs(ref).max()
+    print("bf16 vs fp32 max abs diff", np.abs(ours - ref).max(), "logit scale", scale)
+    assert np.abs(ours - ref).max() < 0.02 * scale  # bf16 has an 8-bit mantissa

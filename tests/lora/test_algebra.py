@@ -128,3 +128,13 @@ def test_check_compatible_rejects_missing_layer_and_wrong_base_id(rng):
     with pytest.raises(AdapterMismatchError, match="trained on 'tiny' but is being applied to 'smollm2-135m'"):
         check_compatible(adapter, CFG, base_model_name="smollm2-135m")
     check_compatible(adapter, CFG, base_model_name="some/path/tiny")  # same id by suffix: accepted
+
+
+def test_check_compatible_accepts_a_preset_name_for_its_hub_id(rng):
+    adapter = _adapter(rng, [(0, "q_proj")], r=2, alpha=2, name="s")
+    from dataclasses import replace
+
+    adapter = LoraAdapter(adapter.factors, replace(adapter.meta, base_model="HuggingFaceTB/SmolLM2-135M-Instruct"))
+    check_compatible(adapter, CFG, base_model_name="smollm2-135m")
+    with pytest.raises(AdapterMismatchError, match="trained on 'HuggingFaceTB/SmolLM2-135M-Instruct'"):
+        check_compatible(adapter, CFG, base_model_name="mistral-7b")

@@ -10,9 +10,10 @@ Params pytree (HF names, HF (out, in) weight layout):
 
 The layers are an unrolled Python loop rather than a `lax.scan` over stacked weights: branch
 pytrees are keyed per (layer, module) and may differ between layers (LoRA on some layers or
-modules only, different ranks), which a scan could not carry without padding every layer to
-the same branch structure. Measured compile time for the 30-layer SmolLM2 stays a few seconds
-on CPU (see BUILD_NOTES / tests).
+modules only, different ranks, taps on one module), which a scan could not carry without
+padding every layer to one branch structure. Measured on the shared 2-core CPU (load ≈ 9):
+jit compile of the 30-layer SmolLM2 forward (8×128) 4.2 s, of its gradient w.r.t. rank-8
+LoRA branches on all 210 modules 41 s; the tiny preset compiles in 2.7 s.
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
                            "train": train, "eval": evals, "model": getattr(model, "name", "")})
     opt_state = optimizer.init(adapter)
     best = adapter
-    state_progress = {"step": 0, "best_loss": None, "best_step": 0, "bad_evals": 0,
+    state_progress = {"step": 0, "best_loss": None, "best_step": 0, "bad_evals": 0, "stopped_early": False,
                       "history": {"step": [], "train_loss": [], "lr": [], "eval_step": [], "eval_loss": []}}
     ckpt = _Checkpoints(checkpoint_dir, run_key) if checkpoint_dir is not None else None
     if ckpt is not None:
@@ -233,8 +233,8 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
     schedule = lr_schedule(cfg)
     hist = state_progress["history"]
     base_key = jax.random.key(cfg.seed)
-    start = int(state_progress["step"])
-    stopped_early = False
+    # A finished or early-stopped run restored from its checkpoint does not train further.
+    start = cfg.steps if state_progress["stopped_early"] else int(state_progress["step"])
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {adapter.meta.name}", unit="step",
                disable=not progress, dynamic_ncols=True)
     try:
@@ -266,7 +266,7 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
                 else:
                     state_progress["bad_evals"] += 1
                     if cfg.patience is not None and state_progress["bad_evals"] >= cfg.patience:
-                        stopped_early = done = True
+                        state_progress["stopped_early"] = done = True
                         logging.info("early stop at step %d: no eval improvement for %d evaluations "
                                      "(best %.4f at step %d)", step + 1, cfg.patience,
                                      state_progress["best_loss"], state_progress["best_step"])
@@ -285,6 +285,6 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
             ckpt.close()
 
     history = {**hist, "best_step": state_progress["best_step"], "best_eval_loss": state_progress["best_loss"],
-               "stopped_early": stopped_early, "steps_run": state_progress["step"]}
+               "stopped_early": state_progress["stopped_early"], "steps_run": state_progress["step"]}
     result = best if evals else adapter
     return (result if out_dtype == "float32" else result.astype(out_dtype)), history

@@ -107,12 +107,19 @@ def test_batch_order_is_a_seeded_permutation_per_epoch():
     np.testing.assert_array_equal(micro_batch_indices(10, 5, 7, 3), stream[15:])
 
 
-def test_early_stopping_returns_the_best_adapter(tiny):
+def test_early_stopping_returns_the_best_adapter(tiny, tmp_path):
     """Held-out responses contradict the training target, so the eval loss rises after a while."""
     contradicting = [(p, "Sure! Here is a short answer.") for p, _ in HELD_OUT]
     cfg = TrainConfig(steps=40, lr=2e-2, warmup_steps=0, batch_size=4, eval_every=2, patience=2, max_length=64)
-    adapter, hist = train_lora(tiny, fresh(tiny), TRAIN, contradicting, cfg, progress=False)
+    adapter, hist = train_lora(tiny, fresh(tiny), TRAIN, contradicting, cfg, checkpoint_dir=tmp_path,
+                               progress=False)
     assert hist["stopped_early"] and hist["steps_run"] < 40
+    # rerunning with the same checkpoint_dir restores the stopped run instead of training on
+    again, hist2 = train_lora(tiny, fresh(tiny), TRAIN, contradicting, cfg, checkpoint_dir=tmp_path,
+                              progress=False)
+    assert hist2 == hist
+    for key in adapter.factors:
+        np.testing.assert_array_equal(np.asarray(again.factors[key].b), np.asarray(adapter.factors[key].b))
     best = int(np.argmin(hist["eval_loss"]))
     assert hist["best_step"] == hist["eval_step"][best]
     assert hist["eval_loss"][-1] > hist["eval_loss"][best]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from lora_fixtures import lora_layers, peft_lora
+import peft
+from lora_fixtures import lora_layers, peft_lora, randomize_lora_b
 
 from sst_jax.errors import AdapterMismatchError
 from sst_jax.lora.adapter import AdapterMeta, LoraAdapter, LoraFactors
@@ -47,16 +48,15 @@ def test_weighted_sum_equals_sum_of_weighted_deltas_over_union_of_modules(rng):
 
 def test_weighted_sum_matches_peft_cat_combination():
     model = peft_lora(seed=0, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-    model.add_adapter("second", __import__("peft").LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"]))
-    from lora_fixtures import randomize_lora_b
+    model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"]))
     randomize_lora_b(model, seed=9)
     weights = [1.5, -0.5]
     model.add_weighted_adapter(["default", "second"], weights, "cat_merge", combination_type="cat")
     layers = lora_layers(model)
     ours = {}
     for name in ("default", "second"):
-        factors = {k: LoraFactors(a=m.lora_A[name].weight.detach().numpy(), b=m.lora_B[name].weight.detach().numpy())
-                   for k, m in layers.items()}
+        factors = {k: LoraFactors(a=m.lora_A[name].weight.detach().numpy(),
+                                  b=m.lora_B[name].weight.detach().numpy()) for k, m in layers.items()}
         r = 4 if name == "default" else 2
         ours[name] = LoraAdapter(factors, AdapterMeta(None, ("q_proj", "down_proj"), r, 8 if r == 4 else 6))
     merged = weighted_sum([ours["default"], ours["second"]], weights)

@@ -230,3 +230,16 @@ def test_adapter_on_some_layers_exports_layers_to_transform_that_peft_honours(tm
     reloaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "l1")
     assert set(lora_layers(reloaded)) == {(1, "v_proj"), (1, "up_proj")}
     assert load_peft(tmp_path / "l1").meta.layers == (1,)
+
+
+def test_init_lora_a_follows_torch_kaiming_uniform_sqrt5():
+    """Same distribution as torch.nn.init.kaiming_uniform_(a=√5) (what PEFT uses for lora_A)."""
+    import jax
+
+    from sst_jax.models.config import DecoderConfig
+
+    cfg = DecoderConfig(vocab_size=8, d_model=48, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=80)
+    ours = np.asarray(init_lora(jax.random.key(0), cfg, targets=["down_proj"], r=1024, alpha=1).factors[(0, "down_proj")].a)
+    ref = torch.nn.init.kaiming_uniform_(torch.empty(1024, 80), a=math.sqrt(5)).numpy()
+    assert np.abs(ours).max() == pytest.approx(np.abs(ref).max(), rel=1e-3)
+    assert ours.std() == pytest.approx(ref.std(), rel=2e-2) and abs(ours.mean()) < 3e-3

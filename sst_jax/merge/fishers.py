@@ -46,6 +46,10 @@ class CoreSpace:
         return int(self.sigma.shape[0])
 
     @property
+    def rank(self) -> int:  # the name sst_jax.fisher.CoreSpace uses
+        return self.r
+
+    @property
     def phi(self) -> jax.Array:
         """Coordinates of ΔW itself: vec(diag σ), row-major, shape (r²,)."""
         return jnp.diag(self.sigma).reshape(-1)

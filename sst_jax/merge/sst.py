@@ -10,10 +10,12 @@ Per module, in S's core space ΔW_S = P Σ Qᵀ (rank r, coordinates φ = vec(M)
 
 ΔW_U = Σ wᵢΔW_Uᵢ (exact concatenated factors); the result is kept exactly as factors of rank
 r_U + r. F_h: Fisher of the refusal loss on harmful prompts, F_b: of the utility loss on benign
-data, both linearized at θ₀ + ΔW_U (M = 0) unless `safety_at` moves the point along S.
+data, both linearized at θ₀ + ΔW_U (M = 0), or at θ₀ + ΔW_U + ΔW_S with safety_at="sigma".
 
 Fisher variants (`fisher=`):
   core      dense r²×r² Fishers in the core space (the method as designed);
+  kfac      K-FAC factors F ≈ G⊗A of the full ΔW (no core space): Kronecker eigenpairs
+            λ_ij = α_iγ_j, top-k pairs kept, exact low-rank result (`project_kfac`);
   diagonal  only their diagonals: the GEVP degenerates to keeping the k core coordinates with
             the largest ratio F_h/F_b (the original's coordinate-wise ratio mask, an ablation;
             here in core coordinates rather than raw A/B entries).
@@ -43,7 +45,7 @@ from sst_jax.merge.api import MergeInputs, MergeResult, concat_lowrank, make_res
 from sst_jax.merge.fishers import CoreSpace, core_fishers, core_space
 from sst_jax.models.branches import LowRank, ModuleKey, hf_module_path
 
-FisherKind = Literal["core", "diagonal"]
+FisherKind = Literal["core", "diagonal", "kfac"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,28 +84,52 @@ def _data(inputs: MergeInputs, name: str):
 
 
 def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "core", two_sided: bool = False,
-                safety_at: float = 0.0, chunk: int = 8) -> SstFishers:
-    """F_h (on `harmful`) and F_b (on `benign`) in S's core space at θ₀ + ΔW_U + safety_at·ΔW_S;
-    with two_sided, also both in U's core space (at θ₀ + ΔW_U)."""
+                safety_at: Literal["zero", "sigma"] = "zero", labels: str = "empirical", key: jax.Array | None = None,
+                chunk: int = 8) -> SstFishers:
+    """F_h (on `harmful`) and F_b (on `benign`) per module, computed by `sst_jax.fisher`.
+
+    core/diagonal: in S's core space, at θ₀ + ΔW_U (safety_at="zero", M = 0) or at
+    θ₀ + ΔW_U + ΔW_S ("sigma"); kfac: K-FAC factors (A, G) of the full ΔW at θ₀ + ΔW_U.
+    labels: "empirical" (dataset responses) or "model" (targets sampled from the model; needs
+    `key`). two_sided: also both Fishers in U's core space, at θ₀ + ΔW_U.
+    """
+    from sst_jax import fisher as fsh
+
     safety = _require_safety(inputs, "sst_fishers")
+    if fisher not in ("core", "diagonal", "kfac"):
+        raise ValueError(f"fisher must be 'core', 'diagonal' or 'kfac', got {fisher!r}")
+    if labels == "model" and key is None:
+        raise ValueError("labels='model' needs a PRNG key (merge(..., key=...))")
     model = inputs.model
-    stat = "dense" if fisher == "core" else "diag"
-    if fisher not in ("core", "diagonal"):
-        raise ValueError(f"fisher must be 'core' or 'diagonal', got {fisher!r}")
     util = _utility_parts(inputs)
     base = {k: (lr,) for k, lr in util.items()}
+    hb, bb = _batches(harmful, "harmful"), _batches(benign, "benign")
+    keys = (None, None) if key is None else (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1))
+    if fisher == "kfac":
+        fh = fsh.kfac_factors(model, base, sorted(safety), hb, labels=labels, key=keys[0], chunk=chunk, desc="K-FAC (harmful)")
+        fb = fsh.kfac_factors(model, base, sorted(safety), bb, labels=labels, key=keys[1], chunk=chunk, desc="K-FAC (benign)")
+        return SstFishers(kind="kfac", harmful={k: (fh.a[k], fh.g[k]) for k in fh.a},
+                          benign={k: (fb.a[k], fb.g[k]) for k in fb.a}, n_harmful=fh.n_samples,
+                          n_benign=fb.n_samples, labels=labels)
     spaces = {k: core_space(safety[k]) for k in sorted(safety)}
-    at = {k: safety_at * jnp.diag(s.sigma) for k, s in spaces.items()}
-    fh, nh = core_fishers(model, spaces, at, base, harmful, stat=stat, chunk=chunk, desc="F_h (harmful)")
-    fb, nb = core_fishers(model, spaces, at, base, benign, stat=stat, chunk=chunk, desc="F_b (benign)")
+    common = dict(labels=labels, at=safety_at, chunk=chunk)
+    fh = fsh.core_fisher(model, base, spaces, hb, key=keys[0], desc="F_h (harmful)", **common)
+    fb = fsh.core_fisher(model, base, spaces, bb, key=keys[1], desc="F_b (benign)", **common)
+    pick = (lambda d: dict(d)) if fisher == "core" else (lambda d: {k: jnp.diagonal(v) for k, v in d.items()})
     uh = ub = None
     if two_sided:
         uspaces = {k: core_space(lr) for k, lr in util.items()}
-        uat = {k: jnp.diag(s.sigma) for k, s in uspaces.items()}
-        uh, _ = core_fishers(model, uspaces, uat, {}, harmful, stat=stat, chunk=chunk, desc="F_h (U space)")
-        ub, _ = core_fishers(model, uspaces, uat, {}, benign, stat=stat, chunk=chunk, desc="F_b (U space)")
-    return SstFishers(kind=fisher, harmful=fh, benign=fb, n_harmful=nh, n_benign=nb,
-                      utility_harmful=uh, utility_benign=ub)
+        common["at"] = "sigma"
+        uh = pick(fsh.core_fisher(model, {}, uspaces, hb, key=keys[0], desc="F_h (U space)", **common).dense)
+        ub = pick(fsh.core_fisher(model, {}, uspaces, bb, key=keys[1], desc="F_b (U space)", **common).dense)
+    return SstFishers(kind=fisher, harmful=pick(fh.dense), benign=pick(fb.dense), n_harmful=fh.n_samples,
+                      n_benign=fb.n_samples, labels=labels, utility_harmful=uh, utility_benign=ub)
+
+
+def _batches(data, name: str) -> list[dict]:
+    from sst_jax.merge.fishers import _as_batches
+
+    return _as_batches(data, name)
 
 
 def default_k(n: int) -> int:
@@ -151,11 +177,41 @@ def project_core(phi: jax.Array, fa: jax.Array, fb: jax.Array, *, damping: float
     return out, stats
 
 
+def project_kfac(delta: jax.Array, harmful: tuple, benign: tuple, *, damping: float, k: int | None = None,
+                 lambda_threshold: float | None = None, energy: float | None = None) -> tuple[LowRank, dict]:
+    """K-FAC SST for one module: F ≈ G ⊗ A (row-major vec ΔW). GEVPs (A_h, A_b) → (α_i, a_i),
+    (G_h, G_b) → (γ_j, g_j); pairs λ_ij = α_iγ_j with v_ij = g_j a_iᵀ and coefficients
+    c_ij = g_jᵀ G_b,δ ΔW A_b,δ a_i. Keeping the top-k pairs gives the exact low-rank
+    ΔW' = Σ_kept c_ij g_j a_iᵀ, returned as LowRank(a=[a_i]ᵀ, b=[g_j], core=c masked)."""
+    (a_h, g_h), (a_b, g_b) = harmful, benign
+    al, av = generalized_eigh(a_h, a_b, damping=damping)
+    gl, gv = generalized_eigh(g_h, g_b, damping=damping)
+    a_bd = a_b + damping * (jnp.trace(a_b) / a_b.shape[0]) * jnp.eye(a_b.shape[0])
+    g_bd = g_b + damping * (jnp.trace(g_b) / g_b.shape[0]) * jnp.eye(g_b.shape[0])
+    coef = gv.T @ g_bd @ delta @ a_bd @ av  # (n_out, n_in): c[j, i]
+    lam = gl[:, None] * al[None, :]
+    order = jnp.argsort(-lam.reshape(-1))
+    lam_sorted = lam.reshape(-1)[order]
+    rules = {"k": k, "threshold": lambda_threshold, "energy": energy}
+    if all(x is None for x in rules.values()):
+        rules["k"] = default_k(int(min(delta.shape)) ** 2)
+    kk = int(select_k(lam_sorted, coords=coef.reshape(-1)[order] if energy is not None else None, **rules))
+    mask = jnp.zeros(lam.size, bool).at[order[:kk]].set(True).reshape(lam.shape)
+    rows = np.flatnonzero(np.asarray(mask.any(axis=1)))  # g_j used
+    cols = np.flatnonzero(np.asarray(mask.any(axis=0)))  # a_i used
+    core = jnp.where(mask, coef, 0.0)[rows][:, cols]
+    lr = LowRank(a=av[:, cols].T, b=gv[:, rows], core=core, scale=1.0)
+    return lr, {"k": kk, "dim": int(lam.size), "eigvals": [float(x) for x in np.asarray(lam_sorted)[:32]]}
+
+
 def _fisher_for(fishers: SstFishers, key: ModuleKey, which: str) -> tuple[jax.Array, jax.Array]:
+    def arr(x):
+        return tuple(jnp.asarray(y, jnp.float32) for y in x) if isinstance(x, tuple) else jnp.asarray(x, jnp.float32)
+
     try:
         if which == "safety":
-            return jnp.asarray(fishers.harmful[key]), jnp.asarray(fishers.benign[key])
-        return jnp.asarray(fishers.utility_harmful[key]), jnp.asarray(fishers.utility_benign[key])
+            return arr(fishers.harmful[key]), arr(fishers.benign[key])
+        return arr(fishers.utility_harmful[key]), arr(fishers.utility_benign[key])
     except (KeyError, TypeError) as e:
         raise ValueError(f"fishers has no {which}-space Fisher for {hf_module_path(key)} "
                          "(were they computed for other adapters, or without two_sided?)") from e
@@ -166,15 +222,18 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
         projector: Literal["topk", "shrinkage"] = "topk", k: int | None = None,
         lambda_threshold: float | None = None, energy: float | None = None, mu: float = 1.0,
         damping: float = 0.1, norm_matched: bool = False, two_sided: bool = False,
-        k_utility: int | None = None, safety_at: float = 0.0, chunk: int = 8) -> MergeResult:
+        k_utility: int | None = None, safety_at: Literal["zero", "sigma"] = "zero", labels: str = "empirical",
+        chunk: int = 8) -> MergeResult:
     """SST-Merge. Defaults: fisher "core", projector "topk" keeping k = ⌈r²/2⌉ (or the count
     from `lambda_threshold` / `energy`, exactly one rule), mu 1.0 (shrinkage), damping δ = 0.1,
-    norm_matched False, two_sided False (k_utility default ⌈r_U²/2⌉), safety_at 0.0 (Fishers
-    at θ₀ + ΔW_U), chunk 8 samples per vmapped gradient. α is `merge(alpha=...)`."""
+    norm_matched False, two_sided False (k_utility default ⌈r_U²/2⌉), safety_at "zero" (Fishers
+    at θ₀ + ΔW_U), labels "empirical" ("model" samples targets, keyed by merge(key=...)),
+    chunk 8 samples per vmapped gradient. α is `merge(alpha=...)`. fisher="kfac" keeps the top
+    k (default ⌈min(out,in)²/2⌉) Kronecker eigenpairs of the full ΔW (see `project_kfac`)."""
     safety = _require_safety(inputs, "sst")
     if fishers is None:
         fishers = sst_fishers(inputs, _data(inputs, "harmful"), _data(inputs, "benign"), fisher=fisher,
-                              two_sided=two_sided, safety_at=safety_at, chunk=chunk)
+                              two_sided=two_sided, safety_at=safety_at, labels=labels, key=inputs.key, chunk=chunk)
     kind = fishers.kind
     util = _utility_parts(inputs)
     factors, stats = {}, {}
@@ -183,6 +242,8 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
         mstats: dict[str, Any] = {}
         if key in util:
             if two_sided:
+                if kind == "kfac":
+                    raise ValueError("two_sided SST works in core spaces; use fisher='core' or 'diagonal'")
                 us = core_space(util[key])
                 fh_u, fb_u = _fisher_for(fishers, key, "utility")
                 # Reversed problem: utility curvature per unit of safety curvature.
@@ -191,7 +252,17 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
                 mstats["utility"] = st
             else:
                 parts.append(util[key])
-        if key in safety:
+        if key in safety and kind == "kfac":
+            fh, fb = _fisher_for(fishers, key, "safety")
+            d_s = safety[key].delta()
+            patch, st = project_kfac(d_s, fh, fb, damping=damping, k=k, lambda_threshold=lambda_threshold,
+                                     energy=energy)
+            norm_s, norm_p = float(jnp.linalg.norm(d_s)), float(jnp.linalg.norm(patch.delta()))
+            nu = (norm_s / norm_p if norm_p > 0 else 0.0) if norm_matched else 1.0
+            parts.append(dataclasses.replace(patch, scale=inputs.alpha * nu))
+            st.update(patch_norm_ratio=norm_p / norm_s if norm_s > 0 else 0.0, norm_scale=nu)
+            mstats["safety"] = st
+        elif key in safety:
             s = core_space(safety[key])
             fh, fb = _fisher_for(fishers, key, "safety")
             phi, st = project_core(s.phi, fh, fb, damping=damping, projector=projector, k=k,

@@ -15,7 +15,7 @@ TARGETS = ("q_proj", "v_proj")
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("tiny", seed=0, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64)
+    return load_model("tiny", seed=0, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64)
 
 
 def _adapter(model, rng, r, std=0.3):
@@ -63,7 +63,7 @@ def test_core_fisher_equals_mean_outer_product_of_per_sample_gradients(model, rn
 
 def test_diagonal_weight_fisher_equals_mean_squared_weight_gradient(model, rng):
     data = _batch(model, rng, 3)
-    key = (1, "v_proj")
+    key = (0, "v_proj")
     shape = model.config.module_shape("v_proj")
     got, _ = diagonal_weight_fishers(model, {key: shape}, {}, data, chunk=1)
 
@@ -73,7 +73,7 @@ def test_diagonal_weight_fisher_equals_mean_squared_weight_gradient(model, rng):
         return response_nll(forward(model.config, params, ids, attn), ids, lmask)[0]
 
     sq = [np.asarray(grad(model.params, *(data[f][i:i + 1] for f in ("input_ids", "attention_mask", "loss_mask")))
-                     ["layers"][1]["v_proj"]["weight"], np.float64) ** 2 for i in range(3)]
+                     ["layers"][0]["v_proj"]["weight"], np.float64) ** 2 for i in range(3)]
     np.testing.assert_allclose(got[key], np.mean(sq, axis=0), rtol=1e-4, atol=1e-12)
 
 
@@ -128,3 +128,27 @@ def test_dense_merge_exports_svd_truncated_adapter_with_reported_error(model, ss
         want = np.sqrt(np.sum(sv[2:] ** 2)) / np.sqrt(np.sum(sv**2))
         assert errors[f"model.layers.{key[0]}.self_attn.{key[1]}"] == pytest.approx(want, rel=1e-3)
         assert np.linalg.norm(d - approx) / np.linalg.norm(d) == pytest.approx(want, rel=1e-3)
+
+
+def test_kfac_sst_from_data_with_all_pairs_equals_task_arithmetic(model, sst_setup):
+    u, s, data = sst_setup
+    u1 = {k: v for k, v in u.items() if k[0] == 0}
+    s1 = {k: v for k, v in s.items() if k[0] == 0}
+    res = merge("sst", [u1], safety=s1, alpha=0.5, model=model, data=data, fisher="kfac", k=32 * 32, damping=0.1)
+    ta = merge("task_arithmetic", [u1], safety=s1, alpha=0.5)
+    for key in u1:
+        np.testing.assert_allclose(res.delta(key), ta.delta(key), rtol=1e-3, atol=1e-4)
+
+
+def test_model_labels_need_a_key_and_are_reproducible_with_one(model, sst_setup):
+    import jax
+
+    u, s, data = sst_setup
+    with pytest.raises(ValueError, match="PRNG key"):
+        merge("sst", [u], safety=s, model=model, data=data, labels="model")
+    a, b = (merge("sst", [u], safety=s, model=model, data=data, labels="model", key=jax.random.key(4), k=2)
+            for _ in range(2))
+    emp = merge("sst", [u], safety=s, model=model, data=data, k=2)
+    key = (0, "q_proj")
+    np.testing.assert_array_equal(a.delta(key), b.delta(key))
+    assert float(jnp.max(jnp.abs(a.delta(key) - emp.delta(key)))) > 1e-6

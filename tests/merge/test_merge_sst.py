@@ -159,3 +159,36 @@ def test_sst_multi_with_full_k_equals_task_arithmetic_of_experts(rng):
     np.testing.assert_allclose(res.delta(K), want, rtol=1e-3, atol=1e-3)
     fewer = merge("sst_multi", experts, [0.5, 1.0, 2.0], fishers=fishers, k=1)
     assert all(st["k"] == 1 for st in fewer.report["modules"]["model.layers.0.self_attn.q_proj"]["experts"].values())
+
+
+def _kfac_problem(rng, out=4, inp=3):
+    s = {K: LowRank(a=jnp.asarray(rng.normal(size=(2, inp)), jnp.float32), b=jnp.asarray(rng.normal(size=(out, 2)), jnp.float32),
+                    scale=1.0)}
+    u = {K: LowRank(a=jnp.asarray(rng.normal(size=(1, inp)), jnp.float32), b=jnp.asarray(rng.normal(size=(out, 1)), jnp.float32),
+                    scale=1.0)}
+    return u, s
+
+
+def test_kfac_sst_keeps_the_top_kronecker_pairs_of_a_planted_problem(rng):
+    # A_b = I, G_b = I, A_h = diag(3, 2, 1), G_h = diag(4, 1, .5, .25): λ_ij = γ_j α_i, and
+    # v_ij = e_j e_iᵀ, so keeping k pairs keeps the k entries of ΔW_S with the largest γ_jα_i.
+    u, s = _kfac_problem(rng)
+    a_h, g_h = np.diag([3.0, 2.0, 1.0]), np.diag([4.0, 1.0, 0.5, 0.25])
+    fishers = SstFishers(kind="kfac", harmful={K: (jnp.asarray(a_h), jnp.asarray(g_h))},
+                         benign={K: (jnp.eye(3), jnp.eye(4))}, n_harmful=1, n_benign=1)
+    res = merge("sst", [u], safety=s, fishers=fishers, k=4, damping=0.0)
+    lam = np.outer(np.diag(g_h), np.diag(a_h))  # (out, in); top 4: 12, 8, 4 (γ₀α₂), 3 (γ₁α₀)
+    keep = lam >= 3.0
+    assert keep.sum() == 4
+    want = np_delta(u[K]) + np.where(keep, np_delta(s[K]), 0.0)
+    np.testing.assert_allclose(res.delta(K), want, rtol=1e-4, atol=1e-5)
+
+
+def test_kfac_sst_with_all_pairs_returns_safety_unchanged(rng):
+    u, s = _kfac_problem(rng)
+    x, y = rng.normal(size=(3, 3)), rng.normal(size=(4, 4))
+    fishers = SstFishers(kind="kfac", harmful={K: (jnp.asarray(x @ x.T), jnp.asarray(y @ y.T))},
+                         benign={K: (jnp.asarray(x.T @ x + np.eye(3)), jnp.asarray(y.T @ y + np.eye(4)))},
+                         n_harmful=1, n_benign=1)
+    res = merge("sst", [u], safety=s, alpha=0.6, fishers=fishers, k=12, damping=0.05)
+    np.testing.assert_allclose(res.delta(K), np_delta(u[K]) + 0.6 * np_delta(s[K]), rtol=1e-3, atol=1e-4)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from sst_jax.data.chat import collate, encode_plain
 from sst_jax.data.sources import MCQuestion
 from sst_jax.eval.metrics import Estimate, proportion
-from sst_jax.models import forward, response_log_likelihood
+from sst_jax.models import forward, llama, response_log_likelihood
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -72,11 +72,25 @@ class MCResult:
         return {s: proportion([r.correct for r in self.records if r.subject == s]) for s in subjects}
 
 
+def _last_position_logits(config, params, input_ids, attention_mask, branches):
+    """Logits of the last position only, (B, V): `forward` without the (B, T, V) output.
+
+    XLA does not sink the slice into the output projection, so `forward(...)[:, -1]` would
+    materialize all B·T·V logits (2 GB for a 128k vocabulary at 8×512). Built from the
+    decoder's own layer functions; tests compare it with HF PyTorch.
+    """
+    ctx = llama.CallContext(branches, False, 0.0, None)
+    t = input_ids.shape[1]
+    h, _ = llama.run_layers(config, params, input_ids, llama.positions_from_mask(attention_mask),
+                            jnp.arange(t), attention_mask, ctx)
+    return llama.lm_head(config, params, h[:, -1])
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def _choice_logprobs(config, params, input_ids, attention_mask, branches, choice_ids):
     """log p(choice token | prompt) at the last (left-padded) position: (B, n_choices)."""
-    logits = forward(config, params, input_ids, attention_mask, branches=branches)
-    logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+    logits = _last_position_logits(config, params, input_ids, attention_mask, branches)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return logp[:, choice_ids]
 
 

@@ -228,6 +228,19 @@ def forward(config: DecoderConfig, params: Params, input_ids: jax.Array, attenti
     return (logits, ctx.captured) if capture_inputs else logits
 
 
+def last_token_logits(config: DecoderConfig, params: Params, input_ids: jax.Array,
+                      attention_mask: jax.Array, *, branches: Branches | None = None) -> jax.Array:
+    """Logits of the last position only, float32 (B, V), never materializing (B, T, V).
+
+    With left padding the last position is every row's last real token (MC scoring, prefill).
+    """
+    ctx = CallContext(branches, False, 0.0, None)
+    t = input_ids.shape[1]
+    h, _ = run_layers(config, params, input_ids, positions_from_mask(attention_mask),
+                      jnp.arange(t), attention_mask, ctx)
+    return lm_head(config, params, h[:, -1])
+
+
 # ---------------------------------------------------------------------------------------------
 # Initialization
 

@@ -281,3 +281,10 @@ def test_dropout_touches_branch_inputs_only(llama_pair):
     # Dropping every input of the branch leaves exactly the base model.
     np.testing.assert_allclose(forward(m.config, m.params, ids, mask, branches=br, dropout_rate=1.0 - 1e-9,
                                        dropout_key=k), base, atol=1e-6)
+
+
+def test_last_token_logits_match_hf_last_position(pair):
+    _, hf, m = pair
+    ids, mask = _batch()
+    ours = np.asarray(llama.last_token_logits(m.config, m.params, ids, mask))
+    np.testing.assert_allclose(ours, _hf_logits(hf, ids, mask)[:, -1], atol=TOL, rtol=0)

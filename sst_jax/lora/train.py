@@ -158,18 +158,21 @@ class _Checkpoints:
         self.manager.close()
 
 
-def _loss(trainable: LoraAdapter, frozen, batch, key, config, dropout_rate: float) -> jax.Array:
+def _loss(trainable: LoraAdapter, frozen, batch, key, config, dropout_rate: float,
+          regularizer) -> jax.Array:
     logits = forward(config, frozen, batch["input_ids"], batch["attention_mask"],
                      branches=trainable.to_branches(), dropout_rate=dropout_rate,
                      dropout_key=key if dropout_rate > 0 else None)
-    return response_nll(logits, batch["input_ids"], batch["loss_mask"]).mean()
+    loss = response_nll(logits, batch["input_ids"], batch["loss_mask"]).mean()
+    return loss if regularizer is None else loss + regularizer(trainable)
 
 
 # Module-level jits keyed by the (hashable) configs: repeated runs with equal settings reuse
 # the compiled steps; distinct sequence-length buckets are the only other recompiles.
-@functools.partial(jax.jit, static_argnames=("config", "cfg"))
-def _train_step(trainable, opt_state, frozen, batch, key, *, config, cfg: TrainConfig):
-    loss, grads = jax.value_and_grad(_loss)(trainable, frozen, batch, key, config, cfg.lora_dropout)
+@functools.partial(jax.jit, static_argnames=("config", "cfg", "regularizer"))
+def _train_step(trainable, opt_state, frozen, batch, key, *, config, cfg: TrainConfig, regularizer):
+    loss, grads = jax.value_and_grad(_loss)(trainable, frozen, batch, key, config, cfg.lora_dropout,
+                                            regularizer)
     updates, opt_state = make_optimizer(cfg).update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
@@ -183,13 +186,16 @@ def _eval_losses(trainable, frozen, batch, *, config):
 def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str]],
                eval_pairs: Sequence[tuple[str, str]] | None, cfg: TrainConfig, *,
                checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
-               callback: Callable[[int, dict], None] | None = None) -> tuple[LoraAdapter, dict]:
+               callback: Callable[[int, dict], None] | None = None,
+               regularizer: Callable[[LoraAdapter], jax.Array] | None = None) -> tuple[LoraAdapter, dict]:
     """Trains the factors of `adapter` on (prompt, response) pairs; returns (adapter, history).
 
     With eval pairs, the returned adapter is the one with the lowest eval loss (evaluated every
     `eval_every` steps and at the end). With `checkpoint_dir`, the run saves every
     `checkpoint_every` steps and resumes from the latest checkpoint there. `callback(step,
-    record)` is called after every optimizer step.
+    record)` is called after every optimizer step. `regularizer(adapter)` (jittable, e.g. an
+    AlignGuard-style Fisher penalty) is added to the training objective; the logged train loss
+    includes it, the eval loss does not.
     """
     config, params, tok = model.config, model.params, model.tokenizer
     check_compatible(adapter, config, base_model_name=getattr(model, "name", None))
@@ -204,7 +210,7 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
     out_dtype = adapter.meta.dtype
     adapter = adapter.astype("float32")  # master weights in f32 whatever the compute dtype
     optimizer = make_optimizer(cfg)
-    train_step = functools.partial(_train_step, config=compute_cfg, cfg=cfg)
+    train_step = functools.partial(_train_step, config=compute_cfg, cfg=cfg, regularizer=regularizer)
     eval_losses = functools.partial(_eval_losses, config=compute_cfg)
 
     def evaluate(trainable) -> float:
@@ -218,7 +224,8 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
         return total / len(evals)
 
     run_key = stable_hash({"cfg": dataclasses.asdict(cfg), "meta": repr(adapter.meta),
-                           "train": train, "eval": evals, "model": getattr(model, "name", "")})
+                           "train": train, "eval": evals, "model": getattr(model, "name", ""),
+                           "regularizer": getattr(regularizer, "__qualname__", None)})
     opt_state = optimizer.init(adapter)
     best = adapter
     state_progress = {"step": 0, "best_loss": None, "best_step": 0, "bad_evals": 0, "stopped_early": False,

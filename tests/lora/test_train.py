@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sst_jax.data.chat import collate, encode_chat, encode_prompt
 from sst_jax.errors import AdapterMismatchError, DatasetError, SstJaxError
-from sst_jax.lora.adapter import init_lora
+from sst_jax.lora.adapter import LoraFactors, init_lora
 from sst_jax.lora.train import TrainConfig, micro_batch_indices, train_lora
 from sst_jax.models import forward, generate, load_model
 from sst_jax.models.loss import response_nll
@@ -146,3 +147,16 @@ def test_bad_training_inputs_are_clear_errors(tiny):
     other = dataclasses.replace(tiny, config=tiny.config.replace(d_model=32))
     with pytest.raises(AdapterMismatchError, match="has down_proj output size 32"):
         train_lora(other, fresh(tiny), TRAIN, None, cfg, progress=False)
+
+
+def l2_of_b(adapter) -> jax.Array:
+    return 10.0 * sum(jnp.sum(f.b ** 2) for f in adapter.factors.values())
+
+
+def test_regularizer_is_added_to_the_training_objective(tiny):
+    cfg = TrainConfig(steps=1, lr=1e-2, warmup_steps=0, batch_size=2, max_length=64, max_grad_norm=None)
+    start = small(tiny)
+    shifted = start.replace_factors({k: LoraFactors(a=f.a, b=f.b + 0.1) for k, f in start.factors.items()})
+    _, h2 = train_lora(tiny, shifted, TRAIN, None, cfg, progress=False, regularizer=l2_of_b)
+    _, h3 = train_lora(tiny, shifted, TRAIN, None, cfg, progress=False)
+    assert h2["train_loss"][0] == pytest.approx(h3["train_loss"][0] + float(l2_of_b(shifted)), rel=1e-5)

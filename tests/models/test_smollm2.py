@@ -43,3 +43,11 @@ def test_smollm2_config_from_gguf_metadata(smollm2_model):
     assert (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_ff, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
     assert c.tie_word_embeddings and c.rope_theta == 100000.0
     assert c.eos_token_ids == (smollm2_model.tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_from_gguf_metadata(smollm2_model):
+    tok = smollm2_model.tokenizer
+    text = tok.decode(encode_prompt(tok, "Hi"))
+    assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")

@@ -84,3 +84,16 @@ def test_smollm2_answers_paris(smollm2_model):
     batch = collate([encode_prompt(m.tokenizer, "What is the capital of France?")], m.config.pad_token_id)
     out = generate(m, m.params, batch["input_ids"], batch["attention_mask"], max_new_tokens=16)
     assert "Paris" in m.tokenizer.decode(np.asarray(out[0]), skip_special_tokens=True)
+
+
+def test_top_p_and_temperature_sample_the_renormalized_nucleus():
+    from sst_jax.models.generate import _choose
+
+    p = np.array([0.5, 0.3, 0.1, 0.06, 0.04])
+    logits = jnp.asarray(np.log(p), jnp.float32)[None].repeat(20000, axis=0)
+    draw = lambda t, top: np.bincount(np.asarray(_choose(logits, jax.random.key(7), t, top, True)), minlength=5) / 20000
+    # top_p = 0.85: the mass before token 2 is 0.8 < 0.85, so tokens {0, 1, 2} are kept.
+    np.testing.assert_allclose(draw(1.0, 0.85), [0.5 / 0.9, 0.3 / 0.9, 0.1 / 0.9, 0, 0], atol=0.012)
+    # temperature 2: p^(1/2), renormalized; top_p = 1 keeps everything.
+    q = np.sqrt(p) / np.sqrt(p).sum()
+    np.testing.assert_allclose(draw(2.0, 1.0), q, atol=0.012)

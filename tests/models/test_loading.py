@@ -140,11 +140,12 @@ _GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
                "post_attention_layernorm": "ffn_norm"}
 
 
-def write_gguf(hf_dir, path, qtype="F32"):
-    """Write the HF checkpoint as a llama GGUF; 2-D layer weights stored as `qtype`."""
+def write_gguf(hf_dir, path, qtype="F32", arch="llama"):
+    """Write the HF checkpoint as a GGUF; 2-D layer weights stored as `qtype`; llama.cpp
+    permutes q/k rows for llama only."""
     cfg = json.load(open(os.path.join(hf_dir, "config.json")))
     sd = load_file(os.path.join(hf_dir, "model.safetensors"))
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_feed_forward_length(cfg["intermediate_size"])
@@ -164,11 +165,12 @@ def write_gguf(hf_dir, path, qtype="F32"):
             name = "output.weight"
         else:
             layer, rest = key[len("model.layers."):].split(".", 1)
-            name = f"blk.{layer}.{_GGUF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
+            module, kind = rest.rsplit(".", 1)
+            name = f"blk.{layer}.{_GGUF_NAMES[module]}.{kind}"
         t = np.asarray(t, np.float32)
-        if name.endswith("attn_q.weight"):
+        if arch == "llama" and name.endswith("attn_q.weight"):
             t = _permute(t, cfg["num_attention_heads"])
-        elif name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith("attn_k.weight"):
             t = _permute(t, cfg["num_key_value_heads"])
         if t.ndim == 2 and name.startswith("blk.") and qtype != "F32":
             kind = gguf.GGMLQuantizationType[qtype]
@@ -191,6 +193,24 @@ def test_gguf_f32_equals_safetensors_after_unpermuting_qk(hf_dir, tmp_path):
         for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
             np.testing.assert_array_equal(lp[m]["weight"], rp[m]["weight"])
     np.testing.assert_array_equal(params["lm_head"], ref.params["lm_head"])
+
+
+def test_qwen2_gguf_keeps_qkv_bias_and_row_order(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    write_gguf(str(tmp_path / "hf"), tmp_path / "q.gguf", arch="qwen2")
+    config, params = load_gguf(str(tmp_path / "q.gguf"))
+    ref = load_model(str(tmp_path / "hf"))
+    assert config.architecture == "qwen2" and config.bias_modules == ("q_proj", "k_proj", "v_proj")
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(ref.params)):
+        np.testing.assert_array_equal(x, y)
 
 
 def _ref_dequant(raw: np.ndarray, qtype: str) -> np.ndarray:

@@ -48,6 +48,21 @@ def mc_continuations() -> tuple[str, ...]:
     return tuple(f" {l}" for l in LETTERS)
 
 
+def mmlu_description(subject: str) -> str:
+    """lm-eval-harness's MMLU task description line (used with `description=True`)."""
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+
+
+def mc_context(question: MCQuestion, *, shots: Sequence[MCQuestion] = (),
+               description: bool = False) -> str:
+    """k-shot context: solved examples ("...Answer: B"), blank-line separated, then the
+    question's prompt; optionally preceded by the lm-eval MMLU description. 0-shot without a
+    description is exactly `mc_prompt`."""
+    parts = [f"{mc_prompt(s.question, s.choices)} {LETTERS[s.answer]}" for s in shots]
+    parts.append(mc_prompt(question.question, question.choices))
+    return (mmlu_description(question.subject) if description else "") + "\n\n".join(parts)
+
+
 @dataclasses.dataclass(frozen=True)
 class MCRecord:
     """One scored question."""
@@ -112,9 +127,14 @@ def single_token_choice_ids(tokenizer) -> list[int] | None:
 
 def evaluate_mc(model, params, questions: Sequence[MCQuestion], *, branches=None,
              batch_size: int = 8, max_length: int | None = None, single_token: bool | None = None,
+             fewshot: Sequence[MCQuestion] = (), n_shots: int = 0, description: bool = False,
              progress: bool = True, desc: str = "MC") -> MCResult:
     """Score 4-way MC questions; `model` is a LoadedModel (config + tokenizer), `params` its
-    weights (usually model.params). single_token=None picks the fast path when it applies."""
+    weights (usually model.params). single_token=None picks the fast path when it applies.
+
+    n_shots > 0 prepends, per question, the first n_shots questions of `fewshot` (e.g. MMLU
+    `dev`) with the same subject, as lm-eval-harness does; 0-shot is the default.
+    """
     if not questions:
         raise ValueError("no questions to score")
     tok, config = model.tokenizer, model.config
@@ -123,7 +143,15 @@ def evaluate_mc(model, params, questions: Sequence[MCQuestion], *, branches=None
     fast = choice_ids is not None if single_token is None else single_token
     if fast and choice_ids is None:
         raise ValueError("single_token=True but ' A'..' D' are not single tokens for this tokenizer")
-    prompts = [mc_prompt(q.question, q.choices) for q in questions]
+    shots_by_subject: dict[str, list[MCQuestion]] = {}
+    for shot in fewshot:
+        shots_by_subject.setdefault(shot.subject, []).append(shot)
+    for q in questions if n_shots else ():
+        if len(shots_by_subject.get(q.subject, ())) < n_shots:
+            raise ValueError(f"{n_shots}-shot scoring needs {n_shots} few-shot examples of subject "
+                             f"{q.subject!r}; got {len(shots_by_subject.get(q.subject, ()))}")
+    prompts = [mc_context(q, shots=shots_by_subject.get(q.subject, [])[:n_shots],
+                          description=description) for q in questions]
     encoded = [[encode_plain(tok, p, c, max_length=max_length) for c in mc_continuations()]
                for p in prompts]
     order = sorted(range(len(questions)), key=lambda i: len(encoded[i][0][0]))

@@ -79,3 +79,36 @@ def test_branches_match_hf_with_delta_merged_into_weights(pair):
     base = np.stack([_hf_choice_logliks(hf, model.tokenizer, q) for q in QUESTIONS[:3]])
     assert np.abs(ref - base).max() > 1e-3  # the patch matters at this scale
     np.testing.assert_allclose([r.loglik for r in result.records], ref, atol=1e-4, rtol=0)
+
+
+def test_few_shot_context_format():
+    from sst_jax.eval.mc import mc_context
+
+    shot = MCQuestion("1+1?", ("1", "2", "3", "4"), 1, "elementary_mathematics", "dev")
+    q = MCQuestion("2+2?", ("3", "4", "5", "6"), 1, "elementary_mathematics", "test")
+    assert mc_context(q) == mc_prompt(q.question, q.choices)
+    assert mc_context(q, shots=[shot], description=True) == (
+        "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+        "1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
+        "2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+
+
+def test_few_shot_scores_match_hf_torch(pair):
+    hf, model = pair
+    from sst_jax.eval.mc import mc_context
+
+    shots = [MCQuestion("What is 1 + 1?", ("2", "3", "4", "5"), 0, q.subject, "dev") for q in QUESTIONS[:2]]
+    result = evaluate_mc(model, model.params, QUESTIONS[:2], fewshot=shots, n_shots=1,
+                         progress=False)
+    ref = []
+    for q in QUESTIONS[:2]:
+        ctx = mc_context(q, shots=[shots[0]])
+        row = []
+        for cont in mc_continuations():
+            ids, mask = encode_plain(model.tokenizer, ctx, cont)
+            with torch.no_grad():
+                logits = hf(input_ids=torch.tensor([ids])).logits[0].double()
+            lp = torch.log_softmax(logits[:-1], -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+            row.append(float((lp.numpy() * np.asarray(mask[1:])).sum()))
+        ref.append(row)
+    np.testing.assert_allclose([r.loglik for r in result.records], ref, atol=1e-4)

@@ -348,6 +348,7 @@ class MergeResult:
 
         adapter, errors = self.to_adapter(rank, name=name)
         save_peft(adapter, directory)
+        self.report["export"] = {"directory": str(directory), "rank": rank, "truncation_error": dict(errors)}
         if errors:
             logging.info("exported %s at rank %d; max relative truncation error %.3g", self.method, rank,
                          max(errors.values()))

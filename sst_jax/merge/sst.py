@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +41,8 @@ import numpy as np
 
 from sst_jax.errors import NumericalError
 from sst_jax.linalg import generalized_eigh, project_topk, select_k, shrinkage
-from sst_jax.merge.api import MergeInputs, MergeResult, concat_lowrank, make_result, register
-from sst_jax.merge.fishers import CoreSpace, core_fishers, core_space
+from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
+from sst_jax.merge.fishers import core_fishers, core_space
 from sst_jax.models.branches import LowRank, ModuleKey, hf_module_path
 
 FisherKind = Literal["core", "diagonal", "kfac"]
@@ -350,5 +350,5 @@ def utility_part(inputs: MergeInputs) -> dict[ModuleKey, LowRank]:
     return _utility_parts(inputs)
 
 
-__all__ = ["SstFishers", "MultiFishers", "sst", "sst_fishers", "sst_multi", "sst_multi_fishers", "project_core",
-           "core_space", "CoreSpace", "concat_lowrank", "default_k"]
+__all__ = ["MultiFishers", "SstFishers", "default_k", "project_core", "project_kfac", "sst", "sst_fishers", "sst_multi",
+           "sst_multi_fishers", "utility_part"]

@@ -152,3 +152,22 @@ def test_model_labels_need_a_key_and_are_reproducible_with_one(model, sst_setup)
     key = (0, "q_proj")
     np.testing.assert_array_equal(a.delta(key), b.delta(key))
     assert float(jnp.max(jnp.abs(a.delta(key) - emp.delta(key)))) > 1e-6
+
+
+def test_sst_multi_from_data_with_full_k_equals_task_arithmetic(model, rng):
+    experts = [_adapter(model, rng, 2) for _ in range(3)]
+    data = {"experts": [_batch(model, rng, 3) for _ in range(3)]}
+    res = merge("sst_multi", experts, [0.5, 1.0, 1.5], model=model, data=data, k=4)
+    fewer = merge("sst_multi", experts, [0.5, 1.0, 1.5], model=model, data=data, k=1)
+    ta = merge("task_arithmetic", experts, [0.5, 1.0, 1.5])
+    key = (0, "v_proj")
+    np.testing.assert_allclose(res.delta(key), ta.delta(key), rtol=1e-3, atol=1e-4)
+    assert float(jnp.linalg.norm(fewer.delta(key) - ta.delta(key))) > 1e-3
+
+
+def test_fisher_merge_from_data_of_an_adapter_with_itself_returns_it(model, rng):
+    u = _adapter(model, rng, 2)
+    data = _batch(model, rng, 3)
+    res = merge("fisher", [u, u], [0.3, 0.7], model=model, data={"tasks": [data, data]})
+    for key in u:
+        np.testing.assert_allclose(res.delta(key), u[key].delta(), rtol=1e-4, atol=1e-6)

@@ -104,12 +104,19 @@ def _offline() -> bool:
 
 
 def _in_hf_cache(hub_id: str) -> bool:
-    """Whether `datasets` or the hub cache holds anything for hub_id (offline loads need it)."""
-    owner_name = hub_id.replace("/", "___").lower()
+    """Whether `datasets` or the hub cache holds anything for hub_id (offline loads need it).
+
+    `datasets` names its cache folder owner___name with the name snake-cased
+    (PKU-Alignment___beaver_tails), so names are compared without '-' and '_'.
+    """
+    def norm(name: str) -> str:
+        return name.lower().replace("-", "").replace("_", "")
+
+    want = norm(hub_id.replace("/", "___"))
     hf_home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     ds_cache = Path(os.environ.get("HF_DATASETS_CACHE", hf_home / "datasets"))
     hub_cache = Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
-    if ds_cache.is_dir() and any(p.name.lower() == owner_name for p in ds_cache.iterdir()):
+    if ds_cache.is_dir() and any(norm(p.name) == want for p in ds_cache.iterdir()):
         return True
     return (hub_cache / f"datasets--{hub_id.replace('/', '--')}").is_dir()
 

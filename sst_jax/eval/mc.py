@@ -126,9 +126,10 @@ def single_token_choice_ids(tokenizer) -> list[int] | None:
 
 
 def evaluate_mc(model, params, questions: Sequence[MCQuestion], *, branches=None,
-             batch_size: int = 8, max_length: int | None = None, single_token: bool | None = None,
-             fewshot: Sequence[MCQuestion] = (), n_shots: int = 0, description: bool = False,
-             progress: bool = True, desc: str = "MC") -> MCResult:
+                batch_size: int = 8, max_length: int | None = None,
+                single_token: bool | None = None, fewshot: Sequence[MCQuestion] = (),
+                n_shots: int = 0, description: bool = False, progress: bool = True,
+                desc: str = "MC") -> MCResult:
     """Score 4-way MC questions; `model` is a LoadedModel (config + tokenizer), `params` its
     weights (usually model.params). single_token=None picks the fast path when it applies.
 

@@ -146,6 +146,28 @@ def evaluate_refusal(model, params, prompts: Sequence[Prompt | str], *, branches
                          tokens_per_second=stats["tokens_per_second"])
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerativeResult:
+    records: tuple[dict, ...]  # prompt, answer, response, correct
+    accuracy: Estimate
+
+
+def evaluate_generative(model, params, examples: Sequence[tuple[str, str]], *, branches=None,
+                        max_new_tokens: int = 16, batch_size: int = 16, progress: bool = True,
+                        desc: str = "exact-match") -> GenerativeResult:
+    """Exact-match accuracy of greedy chat answers to (prompt, answer) pairs (utility tasks in
+    generative form; `utility_tasks.matches_answer` compares the first line)."""
+    from sst_jax.data.utility_tasks import matches_answer
+
+    prompts = [p for p, _ in examples]
+    responses = generate_responses(model, params, prompts, branches=branches,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   progress=progress, desc=desc)
+    records = tuple({"prompt": p, "answer": a, "response": r, "correct": matches_answer(r, a)}
+                    for (p, a), r in zip(examples, responses))
+    return GenerativeResult(records=records, accuracy=proportion([r["correct"] for r in records]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Teacher-forced NLL
 

@@ -111,3 +111,15 @@ def test_read_rows_accepts_data_key(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"data": MMLU_ROWS}))
     assert read_rows(path) == MMLU_ROWS
+
+
+def test_offline_cache_lookup_matches_datasets_folder_names(monkeypatch, tmp_path):
+    """datasets caches PKU-Alignment/BeaverTails as PKU-Alignment___beaver_tails: offline,
+    such an entry lets the hub id through to `datasets` instead of failing fast."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    (tmp_path / "datasets" / "PKU-Alignment___beaver_tails").mkdir(parents=True)
+    from sst_jax.data import sources
+
+    assert sources._in_hf_cache("PKU-Alignment/BeaverTails")
+    assert not sources._in_hf_cache("cais/mmlu")

@@ -82,3 +82,19 @@ def test_teacher_forced_nll_plain_text_matches_hf(pair):
         m = torch.tensor(mask[1:], dtype=torch.float64)
         ref.append(float(-(lp * m).sum() / m.sum()))
     np.testing.assert_allclose(res.per_item, ref, atol=1e-4)
+
+
+def test_generative_exact_match_against_hf_greedy(pair):
+    """Exact match of our batched answers equals exact match of HF's greedy answers; one
+    example's answer is set to HF's own response so at least one item is correct."""
+    from sst_jax.data.utility_tasks import matches_answer
+    from sst_jax.eval.safety import evaluate_generative
+
+    hf, model = pair
+    hf_first = _hf_greedy(hf, model.tokenizer, PROMPTS[0]).splitlines()[0]
+    examples = [(PROMPTS[0], hf_first), (PROMPTS[1], "Paris"), (PROMPTS[2], "no")]
+    res = evaluate_generative(model, model.params, examples, max_new_tokens=NEW, batch_size=4,
+                              progress=False)
+    expected = [matches_answer(_hf_greedy(hf, model.tokenizer, p), a) for p, a in examples]
+    assert [r["correct"] for r in res.records] == expected and expected[0]
+    assert res.accuracy.value == pytest.approx(np.mean(expected))

@@ -1,0 +1,213 @@
+"""Merging 20 experts of random rank-16 LoRA adapters of Mistral-7B shape (q/k/v/o/gate/up/
+down; d=4096, d_ff=14336, GQA k/v 1024) on a subset of layers (default 1), extrapolated per
+layer: sst-jax merge(...) with task_arithmetic, ties, dare_ties, sst (20 utility experts +
+a safety adapter; Fishers precomputed random SPD — the Fisher pass is bench/fisher_per_sample)
+and sst_multi (20 experts, no safety adapter) vs PEFT add_weighted_adapter (`cat`, `ties_svd`)
+on a torch nn.Module tree with the same Linear shapes.
+
+    python bench/merge.py                 # 20 experts, 1 layer (several minutes: dense 7B-shape ΔW)
+    python bench/merge.py --experts 4     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import common  # noqa: E402
+
+D, FF, KV, RANK, ALPHA = 4096, 14336, 1024, 16, 32
+SHAPES = {"q_proj": (D, D), "k_proj": (KV, D), "v_proj": (KV, D), "o_proj": (D, D),
+          "gate_proj": (FF, D), "up_proj": (FF, D), "down_proj": (D, FF)}
+MODULES = tuple(SHAPES)
+OURS = ("task_arithmetic", "ties", "dare_ties", "sst", "sst_multi")
+PEFT = ("cat", "ties_svd")
+
+
+def expert_factors(n: int, layers: int, seed: int = 0) -> list[dict]:
+    """n adapters {(layer, module): (A (r,in), B (out,r))}, PEFT-like scales (A ~ U(±1/√in))."""
+    r = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ad = {}
+        for layer in range(layers):
+            for m, (o, i) in SHAPES.items():
+                ad[(layer, m)] = (r.uniform(-1, 1, (RANK, i)).astype(np.float32) / np.sqrt(i),
+                                  r.normal(0, 0.01, (o, RANK)).astype(np.float32))
+        out.append(ad)
+    return out
+
+
+def spd(n: int, r: np.random.Generator) -> np.ndarray:
+    x = r.standard_normal((n, n)).astype(np.float32)
+    return x @ x.T / n + 0.1 * np.eye(n, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------- ours
+
+
+def run_ours(method: str, n: int, layers: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from sst_jax.merge import merge
+    from sst_jax.merge.sst import MultiFishers, SstFishers
+    from sst_jax.models import LowRank
+
+    raw = expert_factors(n + (1 if method == "sst" else 0), layers)
+    adapters = [{k: LowRank(a=jnp.asarray(a), b=jnp.asarray(b), scale=ALPHA / RANK) for k, (a, b) in ad.items()}
+                for ad in raw]
+    keys = sorted(adapters[0])
+    r = np.random.default_rng(1)
+    kwargs: dict = {}
+    if method == "sst":
+        safety, adapters = adapters[-1], adapters[:-1]
+        fh, fb = spd(RANK * RANK, r), spd(RANK * RANK, r)
+        kwargs = dict(safety=safety, alpha=1.0,
+                      fishers=SstFishers(kind="core", harmful={k: fh for k in keys}, benign={k: fb for k in keys},
+                                         n_harmful=64, n_benign=64))
+    elif method == "sst_multi":
+        mats = [spd(RANK * RANK, r) for _ in range(4)]  # a few distinct SPD matrices, reused (memory)
+        kwargs = dict(fishers=MultiFishers(
+            fishers=tuple({k + (i,): mats[(i + j) % 4] for k in keys for i in range(n)} for j in range(n)),
+            n_samples=(64,) * n))
+    elif method == "dare_ties":
+        kwargs = dict(density=0.5, key=jax.random.PRNGKey(0))
+    elif method == "ties":
+        kwargs = dict(density=0.2)
+
+    def run():
+        res = merge(method, adapters, [1.0] * n, **kwargs)
+        jax.block_until_ready((res.factors, res.dense))
+        return res
+
+    t0 = time.perf_counter()
+    run()  # compile (the shapes repeat across modules; XLA caches per shape)
+    first = time.perf_counter() - t0
+    out = common.measure(run, warmup=0, repeats=1)
+    out["first_call_seconds"] = first
+    return out
+
+
+# ------------------------------------------------------------------------------- PEFT
+
+
+def run_peft(combination: str, n: int, layers: int) -> dict:
+    import peft
+    import torch
+
+    common.set_torch_threads()
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for m in MODULES[:4]:
+                setattr(self, m, torch.nn.Linear(SHAPES[m][1], SHAPES[m][0], bias=False, device="meta"))
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for m in MODULES[4:]:
+                setattr(self, m, torch.nn.Linear(SHAPES[m][1], SHAPES[m][0], bias=False, device="meta"))
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn, self.mlp = Attn(), Mlp()
+
+    class Inner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Layer() for _ in range(layers)])
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Inner()
+
+        def forward(self, x):
+            return x
+
+    base = Model().to_empty(device="cpu")  # base weights are never read by the merge
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(MODULES), lora_dropout=0.0)
+    raw = expert_factors(n, layers)
+    pm = peft.get_peft_model(base, cfg, adapter_name="e0")
+    for i in range(1, n):
+        pm.add_adapter(f"e{i}", cfg)
+    with torch.no_grad():
+        for name, mod in pm.named_modules():
+            if hasattr(mod, "lora_A") and isinstance(getattr(mod, "lora_A"), torch.nn.ModuleDict):
+                parts = name.split(".")
+                layer, m = int(parts[parts.index("layers") + 1]), parts[-1]
+                for i in range(n):
+                    a, b = raw[i][(layer, m)]
+                    mod.lora_A[f"e{i}"].weight.copy_(torch.from_numpy(a))
+                    mod.lora_B[f"e{i}"].weight.copy_(torch.from_numpy(b))
+    names = [f"e{i}" for i in range(n)]
+    extra = dict(density=0.2, svd_full_matrices=False) if combination == "ties_svd" else {}
+    counter = [0]
+
+    def run():
+        counter[0] += 1
+        pm.add_weighted_adapter(names, [1.0] * n, f"merged{counter[0]}", combination_type=combination, **extra)
+
+    return common.measure(run, warmup=0, repeats=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case")
+    ap.add_argument("--experts", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip", default="", help="comma-separated methods to skip")
+    args = ap.parse_args()
+    if args.case:
+        lib, method = args.case.split(":")
+        res = run_ours(method, args.experts, args.layers) if lib == "ours" else run_peft(method, args.experts, args.layers)
+        common.emit(res)
+        return
+    os.environ["SST_BENCH_THREADS"] = str(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    results = {}
+    extra_args = ["--experts", str(args.experts), "--layers", str(args.layers)]
+    for lib, methods in (("ours", OURS), ("peft", PEFT)):
+        for m in methods:
+            if m in skip:
+                continue
+            results[f"{lib}:{m}"] = r = common.run_case(__file__, f"{lib}:{m}", extra_args, timeout=1800)
+            print(lib, m, {k: v for k, v in r.items() if k != "seconds_all"}, flush=True)
+    ref_cat = results.get("peft:cat", {}).get("seconds")
+    ref_ties = results.get("peft:ties_svd", {}).get("seconds")
+    rows = []
+    for key, r in results.items():
+        s = r.get("seconds")
+        per_layer = s / args.layers if s is not None else None
+        rows.append([key.replace(":", " "), s, per_layer, per_layer * 32 if per_layer is not None else None,
+                     r.get("peak_mb"), common.ratio(ref_cat, s), common.ratio(ref_ties, s), r.get("error", "")[:80]])
+    notes = [f"{args.experts} experts, rank {RANK}, α={ALPHA}, all 7 modules of {args.layers} layer(s) at Mistral-7B "
+             f"shape (d={D}, d_ff={FF}, k/v {KV}); 'x32 layers s' extrapolates linearly to the 32 layers of the "
+             "full model (every layer has the same shapes, and each module is merged independently).",
+             "ours: `merge(method, experts, [1.0]*n, ...)` including the result's report; TIES density 0.2 (trim per "
+             "module), DARE-TIES density 0.5; sst: 20 utility experts + 1 safety adapter, Fishers given as random SPD "
+             "256×256 per module (the Fisher pass is benchmark 1); sst_multi: each expert against the others' "
+             "(random SPD) Fishers. Time after one untimed call (JIT compile; first-call time in the JSON).",
+             "TA/SST results stay exact low-rank factors (no dense ΔW); TIES/DARE produce a dense ΔW per module "
+             "(n × out × in float32 stacked); PEFT `cat` concatenates factors, PEFT `ties_svd` builds dense ΔW per "
+             "adapter, trims/elects, then SVD-truncates to rank 16 (run with svd_full_matrices=False: PEFT's default "
+             "True computes the full U of a 14336×14336 matrix). Our TIES returns the dense ΔW without an SVD.",
+             f"Threads: {args.threads} per framework. Peak MiB: extra peak RSS of the case's own process during the "
+             "timed call (the inputs are already built).",
+             "÷ columns: reference seconds ÷ row seconds (>1: the row is faster than that PEFT mode)."]
+    common.write_table("merge", f"Merging {args.experts} experts at 7B shape: seconds (lower is better)",
+                       ["case", "s", "s/layer", "x32 layers s", "peak MiB", "PEFT cat ÷ row", "PEFT ties_svd ÷ row",
+                        "error"], rows, notes, extra={"results": results})
+
+
+if __name__ == "__main__":
+    main()

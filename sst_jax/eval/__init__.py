@@ -1,2 +1,13 @@
 """Evaluation: multiple-choice log-likelihood scoring, generation with a refusal judge,
-safety tax, confidence intervals, and the MetricsReporter (JSON, CSV, Markdown, PNG)."""
+safety tax, confidence intervals, and the MetricsReporter (JSON, CSV, Markdown, PNG).
+
+  mc       mc_prompt (lm-eval MMLU format), mc_context (k-shot), evaluate_mc -> MCResult
+  judge    Judge protocol, KeywordRefusalJudge (GCG test prefixes), is_degenerate
+  safety   evaluate_refusal -> RefusalResult, generate_responses, evaluate_generative,
+           teacher_forced_nll, refusal_nll -> NLLResult
+  metrics  Estimate, proportion (Wilson), bootstrap_interval, paired_comparison (McNemar +
+           paired bootstrap), safety_tax, composite_score, distance_to_ideal, pareto_front,
+           hypervolume_2d
+  report   MetricsReporter, write_table, write_text, plot_safety_utility, plot_tax_bars,
+           plot_retention
+"""

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from sst_jax.eval.metrics import (Estimate, composite_score, distance_to_ideal,  # noqa: E402
-                                  hypervolume_2d, pareto_front, safety_tax)
+                                  hypervolume_2d, paired_comparison, pareto_front, safety_tax)
 from sst_jax.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -207,6 +207,7 @@ class MetricsReporter:
     rows: list[dict] = dataclasses.field(default_factory=list)
     retention: dict[str, list[tuple]] = dataclasses.field(default_factory=dict)
     baseline: dict | None = None
+    comparisons: list[dict] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -237,6 +238,17 @@ class MetricsReporter:
     def add_retention(self, method: str, n_experts: int, mean: float,
                       worst: float | None = None) -> None:
         self.retention.setdefault(method, []).append((int(n_experts), float(mean), worst))
+
+    def add_comparison(self, metric: str, a: str, b: str, outcomes_a: Sequence[bool],
+                       outcomes_b: Sequence[bool], *, seed: int = 0) -> dict:
+        """Paired comparison of two configurations on the same items (e.g. refusals on the same
+        harmful prompts): exact McNemar p-value and a paired bootstrap CI of the difference."""
+        cmp = paired_comparison(outcomes_a, outcomes_b, seed=seed)
+        entry = {"metric": metric, "a": a, "b": b, "n": cmp.n, "a_only": cmp.a_only,
+                 "b_only": cmp.b_only, "difference": cmp.difference.as_dict(),
+                 "mcnemar_p": cmp.mcnemar_p}
+        self.comparisons.append(entry)
+        return entry
 
     def summary(self) -> dict[str, dict]:
         """Per method: α-sweep Pareto front, its hypervolume, and the best composite."""
@@ -305,6 +317,16 @@ class MetricsReporter:
                          f"| {s['hypervolume']:.4f} | {s['best_composite']:.3f} ({num(s['best_alpha'])}) |")
         front = ", ".join(f"{f['method']} α={num(f['alpha'])}" for f in self.global_front())
         lines += ["", f"Global Pareto front: {front or '-'}", ""]
+        if self.comparisons:
+            lines += ["## Paired comparisons (same items)", "",
+                      "| metric | A | B | n | A only | B only | A − B [95% CI] | McNemar p |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for c in self.comparisons:
+                d = c["difference"]
+                lines.append(f"| {c['metric']} | {c['a']} | {c['b']} | {c['n']} | {c['a_only']} "
+                             f"| {c['b_only']} | {100 * d['value']:+.1f} [{100 * d['low']:+.1f}, "
+                             f"{100 * d['high']:+.1f}] | {c['mcnemar_p']:.3g} |")
+            lines.append("")
         return "\n".join(lines)
 
     def write(self) -> dict[str, Path]:
@@ -313,7 +335,8 @@ class MetricsReporter:
         stem = self.out_dir / self.name
         payload = {"name": self.name, "meta": self.meta, "baseline": self.baseline,
                    "rows": self.rows, "summary": self.summary(), "global_front": self.global_front(),
-                   "retention": {m: [list(p) for p in v] for m, v in self.retention.items()}}
+                   "retention": {m: [list(p) for p in v] for m, v in self.retention.items()},
+                   "comparisons": self.comparisons}
         atomic_write_json(f"{stem}.json", _json_safe(payload))
         out["json"] = Path(f"{stem}.json")
         out["csv"] = write_table(f"{stem}.csv", *self._csv_rows())

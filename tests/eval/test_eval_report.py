@@ -78,3 +78,15 @@ def test_plot_functions_accept_plain_number_rows(tmp_path):
     for fn, name in ((plot_safety_utility, "a.png"), (plot_tax_bars, "b.png")):
         assert _png_size(fn(tmp_path / name, rows))[0] > 100
     assert _png_size(plot_retention(tmp_path / "c.png", {"ta": [(2, 0.9), (4, 0.8)]}))[0] > 100
+
+
+def test_paired_comparison_section(tmp_path):
+    r = _reporter(tmp_path)
+    a = [True] * 6 + [False] + [True, True, False]
+    b = [False] * 6 + [True] + [True, True, False]
+    entry = r.add_comparison("refusal", "sst α=1", "ta α=1", a, b)
+    assert (entry["a_only"], entry["b_only"]) == (6, 1)
+    assert entry["mcnemar_p"] == pytest.approx(16 / 128)
+    paths = r.write()
+    assert json.loads(paths["json"].read_text())["comparisons"][0]["n"] == 10
+    assert "| refusal | sst α=1 | ta α=1 | 10 | 6 | 1 | +50.0 [" in paths["markdown"].read_text()

@@ -82,10 +82,29 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum) if cfg.grad_accum > 1 else opt
 
 
+def _is_encoded(pair) -> bool:
+    return (len(pair) == 2 and all(isinstance(x, (list, tuple)) for x in pair)
+            and all(isinstance(t, (int, np.integer)) for x in pair for t in x))
+
+
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]], cfg: TrainConfig, what: str) -> list[tuple[list[int], list[int]]]:
-    """Chat-formatted (ids, loss_mask) of (prompt, response) pairs, response tokens masked in."""
+    """Chat-formatted (ids, loss_mask) of (prompt, response) pairs, response tokens masked in.
+
+    An item may also be an already encoded (ids, loss_mask) pair of int lists (e.g. from
+    `sst_jax.data.chat.encode_plain` for lm-eval-style multiple-choice items); it is used as
+    is, cut to the last `max_length` tokens.
+    """
     out = []
     for i, pair in enumerate(pairs):
+        if _is_encoded(pair):
+            ids, mask = [int(t) for t in pair[0]], [int(t) for t in pair[1]]
+            if len(ids) != len(mask) or not ids:
+                raise DatasetError(f"{what} item {i}: encoded ids and loss mask differ in length or are empty")
+            ids, mask = ids[-cfg.max_length:], mask[-cfg.max_length:]
+            if sum(mask) == 0:
+                raise DatasetError(f"{what} item {i}: no response tokens fit max_length={cfg.max_length}")
+            out.append((ids, mask))
+            continue
         if len(pair) != 2 or not all(isinstance(s, str) for s in pair):
             raise DatasetError(f"{what} item {i} must be a (prompt, response) pair of strings, got {pair!r}")
         ids, mask = encode_chat(tokenizer, pair[0], pair[1], system=cfg.system, max_length=cfg.max_length)

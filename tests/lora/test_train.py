@@ -160,3 +160,17 @@ def test_regularizer_is_added_to_the_training_objective(tiny):
     _, h2 = train_lora(tiny, shifted, TRAIN, None, cfg, progress=False, regularizer=l2_of_b)
     _, h3 = train_lora(tiny, shifted, TRAIN, None, cfg, progress=False)
     assert h2["train_loss"][0] == pytest.approx(h3["train_loss"][0] + float(l2_of_b(shifted)), rel=1e-5)
+
+
+def test_encoded_items_train_exactly_like_the_same_chat_pairs():
+    """Pre-encoded (ids, mask) items are used as given: same batches, same losses."""
+    from sst_jax.data.chat import encode_chat
+    from sst_jax.lora.train import TrainConfig, encode_pairs
+    from sst_jax.models import load_model
+
+    model = load_model("tiny", seed=0)
+    cfg = TrainConfig(steps=1, max_length=64)
+    pairs = [("Tell me about cats.", "Cats are small."), ("Add 2 and 3.", "5")]
+    from_text = encode_pairs(model.tokenizer, pairs, cfg, "train")
+    pre = [encode_chat(model.tokenizer, p, r) for p, r in pairs]
+    assert encode_pairs(model.tokenizer, pre, cfg, "train") == from_text

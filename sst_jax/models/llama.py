@@ -13,7 +13,9 @@ pytrees are keyed per (layer, module) and may differ between layers (LoRA on som
 modules only, different ranks, taps on one module), which a scan could not carry without
 padding every layer to one branch structure. Measured on the shared 2-core CPU (load ≈ 9):
 jit compile of the 30-layer SmolLM2 forward (8×128) 4.2 s, of its gradient w.r.t. rank-8
-LoRA branches on all 210 modules 41 s; the tiny preset compiles in 2.7 s.
+LoRA branches on all 210 modules 41 s; the tiny preset compiles in 2.7 s. A scan over stacked
+layer weights compiled the same forward in 2.0 s (4.7 s unrolled in the same run) at equal run
+time: too small a saving to force one branch structure on every layer.
 """
 
 from __future__ import annotations

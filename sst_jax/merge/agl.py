@@ -24,17 +24,17 @@ from sst_jax.models.branches import LowRank, hf_module_path
 
 @register("agl", exact=True, data_aware=True)
 def agl(inputs: MergeInputs, *, fishers: SstFishers | None = None, beta: float = 1.0, k: int | None = None,
-        chunk: int = 8) -> MergeResult:
+        utility: MergeResult | None = None, chunk: int = 8) -> MergeResult:
     """AlignGuard-LoRA-style merge. Defaults: beta 1.0, k = ⌈r²/2⌉ (as SST), chunk 8. Needs fishers= (only .harmful is used, kind "core")
-    or model= and data={"harmful": ..., "benign": ...}."""
+    or model= and data={"harmful": ..., "benign": ...}. utility: as in `sst` (default Σ wᵢΔW_Uᵢ)."""
     safety = _require_safety(inputs, "agl")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"agl: avoidance strength beta must be in [0, 1], got {beta}")
     if fishers is None:
-        fishers = sst_fishers(inputs, _data(inputs, "harmful"), _data(inputs, "benign"), chunk=chunk)
+        fishers = sst_fishers(inputs, _data(inputs, "harmful"), _data(inputs, "benign"), utility=utility, chunk=chunk)
     if fishers.kind != "core":
         raise ValueError(f"agl needs dense core-space Fishers, got kind {fishers.kind!r}")
-    util = _utility_parts(inputs)
+    util = _utility_parts(inputs, utility)
     factors, stats = {}, {}
     for key in inputs.keys:
         parts, st = [], {}

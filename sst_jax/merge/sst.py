@@ -41,7 +41,7 @@ import numpy as np
 
 from sst_jax.errors import NumericalError
 from sst_jax.linalg import generalized_eigh, project_topk, select_k, shrinkage
-from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
+from sst_jax.merge.api import MergeInputs, MergeResult, concat_lowrank, make_result, register
 from sst_jax.merge.fishers import core_fishers, core_space
 from sst_jax.models.branches import LowRank, ModuleKey, hf_module_path
 
@@ -66,8 +66,12 @@ class SstFishers:
     utility_benign: dict | None = None
 
 
-def _utility_parts(inputs: MergeInputs) -> dict[ModuleKey, LowRank]:
-    return {k: lr for k in inputs.keys if (lr := inputs.utility_lowrank(k)) is not None}
+def _utility_parts(inputs: MergeInputs, utility: MergeResult | None = None) -> dict[ModuleKey, LowRank]:
+    """ΔW_U per module as one LowRank: Σ wᵢΔW_Uᵢ (exact factors) by default, or the given
+    utility merge (any method; a dense ΔW becomes a full-rank LowRank)."""
+    if utility is None:
+        return {k: lr for k in inputs.keys if (lr := inputs.utility_lowrank(k)) is not None}
+    return {k: concat_lowrank([(lr, 1.0) for lr in br]) for k, br in utility.to_branches().items()}
 
 
 def _require_safety(inputs: MergeInputs, method: str) -> dict[ModuleKey, LowRank]:
@@ -85,13 +89,14 @@ def _data(inputs: MergeInputs, name: str):
 
 def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "core", two_sided: bool = False,
                 safety_at: Literal["zero", "sigma"] = "zero", labels: str = "empirical", key: jax.Array | None = None,
-                chunk: int = 8) -> SstFishers:
+                utility: MergeResult | None = None, chunk: int = 8) -> SstFishers:
     """F_h (on `harmful`) and F_b (on `benign`) per module, computed by `sst_jax.fisher`.
 
     core/diagonal: in S's core space, at θ₀ + ΔW_U (safety_at="zero", M = 0) or at
     θ₀ + ΔW_U + ΔW_S ("sigma"); kfac: K-FAC factors (A, G) of the full ΔW at θ₀ + ΔW_U.
     labels: "empirical" (dataset responses) or "model" (targets sampled from the model; needs
-    `key`). two_sided: also both Fishers in U's core space, at θ₀ + ΔW_U.
+    `key`). two_sided: also both Fishers in U's core space, at θ₀ + ΔW_U. utility: a utility
+    merge result to use as ΔW_U instead of Σ wᵢΔW_Uᵢ (pass the same one to `sst`).
     """
     from sst_jax import fisher as fsh
 
@@ -101,7 +106,7 @@ def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "c
     if labels == "model" and key is None:
         raise ValueError("labels='model' needs a PRNG key (merge(..., key=...))")
     model = inputs.model
-    util = _utility_parts(inputs)
+    util = _utility_parts(inputs, utility)
     base = {k: (lr,) for k, lr in util.items()}
     hb, bb = _batches(harmful, "harmful"), _batches(benign, "benign")
     keys = (None, None) if key is None else (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1))
@@ -223,19 +228,22 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
         lambda_threshold: float | None = None, energy: float | None = None, mu: float = 1.0,
         damping: float = 0.1, norm_matched: bool = False, two_sided: bool = False,
         k_utility: int | None = None, safety_at: Literal["zero", "sigma"] = "zero", labels: str = "empirical",
-        chunk: int = 8) -> MergeResult:
+        utility: MergeResult | None = None, chunk: int = 8) -> MergeResult:
     """SST-Merge. Defaults: fisher "core", projector "topk" keeping k = ⌈r²/2⌉ (or the count
     from `lambda_threshold` / `energy`, exactly one rule), mu 1.0 (shrinkage), damping δ = 0.1,
     norm_matched False, two_sided False (k_utility default ⌈r_U²/2⌉), safety_at "zero" (Fishers
     at θ₀ + ΔW_U), labels "empirical" ("model" samples targets, keyed by merge(key=...)),
     chunk 8 samples per vmapped gradient. α is `merge(alpha=...)`. fisher="kfac" keeps the top
-    k (default ⌈min(out,in)²/2⌉) Kronecker eigenpairs of the full ΔW (see `project_kfac`)."""
+    k (default ⌈min(out,in)²/2⌉) Kronecker eigenpairs of the full ΔW (see `project_kfac`).
+    utility: the utility part from any other merge (e.g. merge("ties", us)); default None is
+    Σ wᵢΔW_Uᵢ. The Fishers must then be computed with the same `utility`."""
     safety = _require_safety(inputs, "sst")
     if fishers is None:
         fishers = sst_fishers(inputs, _data(inputs, "harmful"), _data(inputs, "benign"), fisher=fisher,
-                              two_sided=two_sided, safety_at=safety_at, labels=labels, key=inputs.key, chunk=chunk)
+                              two_sided=two_sided, safety_at=safety_at, labels=labels, key=inputs.key,
+                              utility=utility, chunk=chunk)
     kind = fishers.kind
-    util = _utility_parts(inputs)
+    util = _utility_parts(inputs, utility)
     factors, stats = {}, {}
     for key in inputs.keys:
         parts: list[LowRank] = []
@@ -277,7 +285,7 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
         stats[hf_module_path(key)] = mstats
     hp = dict(fisher=kind, projector=projector, k=k, lambda_threshold=lambda_threshold, energy=energy, mu=mu,
               damping=damping, norm_matched=norm_matched, two_sided=two_sided, k_utility=k_utility,
-              safety_at=safety_at, n_harmful=fishers.n_harmful, n_benign=fishers.n_benign, labels=fishers.labels)
+              safety_at=safety_at, utility_method=None if utility is None else utility.method, n_harmful=fishers.n_harmful, n_benign=fishers.n_benign, labels=fishers.labels)
     return make_result("sst", inputs, factors=factors, hparams=hp, stats=stats)
 
 

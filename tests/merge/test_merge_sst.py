@@ -192,3 +192,12 @@ def test_kfac_sst_with_all_pairs_returns_safety_unchanged(rng):
                          n_harmful=1, n_benign=1)
     res = merge("sst", [u], safety=s, alpha=0.6, fishers=fishers, k=12, damping=0.05)
     np.testing.assert_allclose(res.delta(K), np_delta(u[K]) + 0.6 * np_delta(s[K]), rtol=1e-3, atol=1e-4)
+
+
+def test_sst_on_top_of_a_ties_utility_part_adds_the_projected_safety_to_it(rng):
+    u, s, fishers, *_ = _problem(rng)
+    u2 = random_adapter(rng, 3, layers=(0,), modules=("q_proj",))
+    util = merge("ties", [u, u2], density=0.5)
+    full = merge("sst", [u, u2], safety=s, alpha=0.5, fishers=fishers, k=4, utility=util)
+    np.testing.assert_allclose(full.delta(K), np.asarray(util.delta(K)) + 0.5 * np_delta(s[K]), rtol=1e-4, atol=1e-4)
+    assert full.report["hparams"]["utility_method"] == "ties"

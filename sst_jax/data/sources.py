@@ -89,6 +89,8 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 def _local_file(path: Path, split: str) -> Path:
     if path.is_file():
         return path
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file")
     for suffix in _LOCAL_SUFFIXES:
         candidate = path / f"{split}{suffix}"
         if candidate.is_file():

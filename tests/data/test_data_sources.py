@@ -123,3 +123,8 @@ def test_offline_cache_lookup_matches_datasets_folder_names(monkeypatch, tmp_pat
 
     assert sources._in_hf_cache("PKU-Alignment/BeaverTails")
     assert not sources._in_hf_cache("cais/mmlu")
+
+
+def test_missing_local_file_is_named(tmp_path):
+    with pytest.raises(DatasetError, match="no such file"):
+        load_mmlu(str(tmp_path / "missing.jsonl"))

@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401  (MaxNLocator)
 import numpy as np  # noqa: E402
 
 from sst_jax.eval.metrics import (Estimate, composite_score, distance_to_ideal,  # noqa: E402
@@ -181,6 +182,7 @@ def plot_retention(path: str | Path, curves: Mapping[str, Sequence[tuple]], *,
         if all(len(p) > 2 and p[2] is not None for p in pts):
             ax.plot(n, [p[2] for p in pts], "v--", color=c, alpha=0.6, label=f"{method} (worst)")
     ax.axhline(1.0, color="k", lw=0.8, alpha=0.5)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("number of merged experts")
     ax.set_ylabel("retention (merged / individual accuracy)")
     ax.set_title(title)

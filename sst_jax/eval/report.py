@@ -144,15 +144,15 @@ def plot_tax_bars(path: str | Path, rows: Sequence[Mapping], *, key: str = "tax_
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(rows) + 2), 4.5))
     methods = sorted({str(r["method"]) for r in rows})
     colors = plt.get_cmap("tab10")
-    finite = [float(r[key]) for r in rows if _finite(r.get(key))]
+    taxes = [float(r[key]) if isinstance(r.get(key), (int, float, str)) else None for r in rows]
+    finite = [t for t in taxes if _finite(t)]
     cap = max([1.0] + finite) * 1.1
     labels = []
-    for x, r in enumerate(rows):
+    for x, (r, tax) in enumerate(zip(rows, taxes)):  # "inf" strings (from JSON) become floats
         c = colors(methods.index(str(r["method"])) % 10)
-        tax = r.get(key)
         alpha = r.get("alpha")
         labels.append(f"{r['method']}" + ("" if alpha is None else f" α={alpha:g}"))
-        if tax is None or (isinstance(tax, float) and math.isnan(tax)):
+        if tax is None or math.isnan(tax):
             ax.text(x, 0.02 * cap, "n/a", ha="center", fontsize=7, rotation=90)
         elif math.isinf(tax):
             ax.bar(x, cap, color="white", edgecolor=c, hatch="//")

@@ -74,6 +74,7 @@ def test_write_outputs(tmp_path):
 
 def test_plot_functions_accept_plain_number_rows(tmp_path):
     rows = [{"method": "ta", "alpha": 1.0, "safety": 0.5, "utility": 0.7, "tax_absolute": 0.3},
+            {"method": "ta", "alpha": 2.0, "safety": 0.5, "utility": 0.6, "tax_absolute": "inf"},
             {"method": "sst", "alpha": 1.0, "safety": 0.4, "utility": 0.8, "tax_absolute": None}]
     for fn, name in ((plot_safety_utility, "a.png"), (plot_tax_bars, "b.png")):
         assert _png_size(fn(tmp_path / name, rows))[0] > 100

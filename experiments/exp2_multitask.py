@@ -17,7 +17,8 @@ def run(wb: Workbench) -> dict:
         raise SystemExit(f"exp2 asks for {max(n_values)} experts but only {len(wb.splits.domains)} "
                          "utility domains exist")
     safety = wb.safety_adapter()
-    safety_alone = wb.evaluate_adapter("safety_only", safety, domains=[], over_refusal=False)
+    # The same evaluation as exp1's "safety_only" (served from its cache when exp1 ran).
+    safety_alone = wb.evaluate_adapter("safety_only", safety, domains=[wb.splits.domains[0]])
     s_ref = safety_alone["metrics"]["refusal"]["value"]
     experts_alone = {}
     by_n = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -76,6 +77,20 @@ def _take(items: Sequence[str], n: int, seed: int, what: str) -> tuple[str, ...]
     return tuple(items[i] for i in order[:n])
 
 
+def _up_to(make, domain: str, split: str, n: int, seed: int) -> tuple:
+    """n items of a generated domain, or as many as it has (some domains are small)."""
+    from sst_jax.errors import DatasetError
+
+    while True:
+        try:
+            return tuple(make(domain, split, n, seed=seed))
+        except DatasetError:
+            if n <= 4:
+                raise
+            n = (n * 3) // 4
+            logging.warning("utility domain %s has fewer %s items than asked; using %d", domain, split, n)
+
+
 def build_splits(cfg: dict, *, seed: int, beavertails_path: str | None = None,
                  mmlu_path: str | None = None, benign_path: str | None = None) -> Splits:
     """Held-out test prompts never appear in training or Fisher data."""
@@ -114,10 +129,11 @@ def build_splits(cfg: dict, *, seed: int, beavertails_path: str | None = None,
         gen_train = {s: () for s in domains}
         sources["utility"] = f"MMLU ({mmlu_path})"
     else:
-        domains = UTILITY_DOMAINS
-        mc_train = {s: tuple(utility_mc(s, "train", n_tr, seed=seed)) for s in domains}
-        mc_test = {s: tuple(utility_mc(s, "test", n_te, seed=seed)) for s in domains}
-        gen_train = {s: tuple((g.prompt, g.response) for g in utility_generative(s, "train", n_tr, seed=seed))
+        needed = max([1] + [int(n) for n in cfg.get("exp2", {}).get("n_experts", [])])
+        domains = UTILITY_DOMAINS[:needed]
+        mc_train = {s: _up_to(utility_mc, s, "train", n_tr, seed) for s in domains}
+        mc_test = {s: _up_to(utility_mc, s, "test", n_te, seed) for s in domains}
+        gen_train = {s: tuple((g.prompt, g.response) for g in _up_to(utility_generative, s, "train", n_tr, seed))
                      for s in domains}
         sources["utility"] = "sst-jax procedurally generated utility tasks (sst_jax.data.utility_tasks)"
     return Splits(h_train, h_test, b_train, b_test, tuple(embedded.refusal_targets()), domains,
@@ -172,13 +188,18 @@ class Workbench:
         else:
             lcfg = self.cfg["lora"]
             key = jax.random.key(np.uint32(abs(hash_int(recipe)) % (2**31)))
+            n_layers = self.model.config.n_layers
+            top = lcfg.get("layers_from_top")
+            # Adapting only the top layers keeps the backward pass (training and Fishers) short.
+            layers = None if not top or top >= n_layers else tuple(range(n_layers - int(top), n_layers))
             init = init_lora(key, self.model.config, targets=tuple(lcfg["targets"]), r=lcfg["r"],
-                                  alpha=lcfg["alpha"], base_model=self.model.name, name=name)
+                             alpha=lcfg["alpha"], layers=layers, base_model=self.model.name, name=name)
             tcfg = TrainConfig(**recipe["train"], seed=self.seed)
             with self.timings(f"train_{name.split(':')[0]}"):
-                adapter, history = train_lora(self.model, init, examples, None, tcfg,
-                                              checkpoint_dir=directory.with_suffix(".ckpt"))
+                ckpt = directory.with_suffix(".ckpt")  # resumable mid-training
+                adapter, history = train_lora(self.model, init, examples, None, tcfg, checkpoint_dir=ckpt)
             save_peft(adapter, directory)
+            shutil.rmtree(ckpt, ignore_errors=True)
             logging.info("adapter %s: trained, final loss %.4f", name, history["train_loss"][-1])
         self._adapters[name] = adapter
         return adapter

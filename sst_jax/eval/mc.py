@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from sst_jax.data.chat import collate, encode_plain
 from sst_jax.data.sources import MCQuestion
 from sst_jax.eval.metrics import Estimate, proportion
-from sst_jax.models import forward, llama, response_log_likelihood
+from sst_jax.models import forward, last_token_logits, response_log_likelihood
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -87,24 +87,11 @@ class MCResult:
         return {s: proportion([r.correct for r in self.records if r.subject == s]) for s in subjects}
 
 
-def _last_position_logits(config, params, input_ids, attention_mask, branches):
-    """Logits of the last position only, (B, V): `forward` without the (B, T, V) output.
-
-    XLA does not sink the slice into the output projection, so `forward(...)[:, -1]` would
-    materialize all B·T·V logits (2 GB for a 128k vocabulary at 8×512). Built from the
-    decoder's own layer functions; tests compare it with HF PyTorch.
-    """
-    ctx = llama.CallContext(branches, False, 0.0, None)
-    t = input_ids.shape[1]
-    h, _ = llama.run_layers(config, params, input_ids, llama.positions_from_mask(attention_mask),
-                            jnp.arange(t), attention_mask, ctx)
-    return llama.lm_head(config, params, h[:, -1])
-
-
 @functools.partial(jax.jit, static_argnames=("config",))
 def _choice_logprobs(config, params, input_ids, attention_mask, branches, choice_ids):
     """log p(choice token | prompt) at the last (left-padded) position: (B, n_choices)."""
-    logits = _last_position_logits(config, params, input_ids, attention_mask, branches)
+    # Last position only: forward(...)[:, -1] would materialize all B·T·V logits.
+    logits = last_token_logits(config, params, input_ids, attention_mask, branches=branches)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return logp[:, choice_ids]
 

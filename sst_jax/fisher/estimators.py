@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import jax
@@ -109,9 +110,11 @@ def _added_branches(trainable, base):
 
 
 def _core_branches(cores, extra):
+    """base + P·M·Qᵀ per core; a core key is a ModuleKey (layer, module) or (layer, module, i),
+    the latter for several cores on one module (e.g. one per expert), kept side by side."""
     base, spaces = extra
-    return add_branches(base, {k: (LowRank(a=spaces[k][1].T, b=spaces[k][0], core=m),)
-                               for k, m in cores.items()})
+    return add_branches(base, *({k[:2]: (LowRank(a=spaces[k][1].T, b=spaces[k][0], core=m),)}
+                               for k, m in cores.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +124,8 @@ def _core_branches(cores, extra):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CoreSpace:
-    """Compact SVD ΔW_S = P diag(σ) Qᵀ of one module: p (out, r), sigma (r,), q (in, r)."""
+    """Compact SVD ΔW_S = P diag(σ) Qᵀ of one module: p (out, r), sigma (r,), q (in, r), P and Q
+    with orthonormal columns. A delta in this space is P M Qᵀ, M ∈ ℝ^{r×r}, vec(M) row-major."""
 
     p: jax.Array
     sigma: jax.Array
@@ -132,6 +136,10 @@ class CoreSpace:
         return int(self.sigma.shape[0])
 
     @property
+    def r(self) -> int:
+        return self.rank
+
+    @property
     def phi(self) -> jax.Array:
         """φ_S = vec(diag σ), row-major: S's coordinates in its own core space."""
         return jnp.diag(self.sigma).reshape(-1)
@@ -140,22 +148,39 @@ class CoreSpace:
         """ΔW(M) = P M Qᵀ (out, in)."""
         return self.p @ core @ self.q.T
 
+    def branch(self, core: jax.Array, scale: float | jax.Array = 1.0) -> LowRank:
+        """P·core·Qᵀ·scale as a side branch (never forms the dense ΔW)."""
+        return LowRank(a=self.q.T, b=self.p, core=core, scale=scale)
+
+    def coords(self, lr: LowRank) -> jax.Array:
+        """Pᵀ ΔW Q (r, r) of another low-rank ΔW, without forming ΔW."""
+        b = jnp.asarray(lr.b, jnp.float32)
+        if lr.core is not None:
+            b = b @ jnp.asarray(lr.core, jnp.float32)
+        return jnp.asarray(lr.scale, jnp.float32) * (self.p.T @ b) @ (jnp.asarray(lr.a, jnp.float32) @ self.q)
+
+
+@jax.jit
+def _factor_svd(a: jax.Array, b: jax.Array):
+    """SVD of B·A from its factors: QR of both, SVD of the small middle R_B R_Aᵀ."""
+    qb, rb = jnp.linalg.qr(b)
+    qa, ra = jnp.linalg.qr(a.T)
+    u, s, wt = jnp.linalg.svd(jnp.matmul(rb, ra.T, precision=_HI))
+    return qb @ u, s, qa @ wt.T
+
 
 def core_space(delta: LowRank | Sequence[LowRank] | jax.Array, *, rank: int | None = None) -> CoreSpace:
-    """Compact SVD of a module's ΔW_S, from LowRank factors (QR of both factors, SVD of the
-    small middle) or a dense (out, in) matrix; `rank` truncates (default: the factor rank)."""
+    """Compact SVD of a module's ΔW, from LowRank factors (summed when several; never forms the
+    dense ΔW) or a dense (out, in) matrix; `rank` truncates (default: the factor rank, capped
+    by the module's dimensions)."""
     if isinstance(delta, LowRank):
         delta = (delta,)
     if isinstance(delta, (tuple, list)):
         bs = [jnp.asarray(br.b, jnp.float32) @ (jnp.eye(br.b.shape[1]) if br.core is None
                                                   else jnp.asarray(br.core, jnp.float32))
               * jnp.asarray(br.scale, jnp.float32) for br in delta]
-        b = jnp.concatenate(bs, axis=1)
-        a = jnp.concatenate([jnp.asarray(br.a, jnp.float32) for br in delta], axis=0)
-        qb, rb = jnp.linalg.qr(b)
-        qa, ra = jnp.linalg.qr(a.T)
-        u, s, wt = jnp.linalg.svd(jnp.matmul(rb, ra.T, precision=_HI))
-        p, q = qb @ u, qa @ wt.T
+        p, s, q = _factor_svd(jnp.concatenate([jnp.asarray(br.a, jnp.float32) for br in delta], axis=0),
+                              jnp.concatenate(bs, axis=1))
     else:
         u, s, wt = jnp.linalg.svd(jnp.asarray(delta, jnp.float32), full_matrices=False)
         p, q = u, wt.T
@@ -172,25 +197,33 @@ def core_spaces(adapter: Branches, *, rank: int | None = None) -> dict[ModuleKey
 # Estimators
 
 
-def core_fisher(model, base_branches: Branches, spaces: Mapping[ModuleKey, CoreSpace],
+def core_fisher(model, base_branches: Branches, spaces: Mapping[Any, CoreSpace],
                 batches: Iterable[Mapping[str, Any]], *, labels: Labels = "empirical",
-                key: jax.Array | None = None, at: Literal["zero", "sigma"] = "zero",
-                chunk: int = 8, remat: bool = False, mesh: Mesh | None = None,
-                total: int | None = None, desc: str = "core fisher",
+                key: jax.Array | None = None, at: str | Mapping[Any, jax.Array] = "zero",
+                stats: Sequence[str] = ("dense",), chunk: int = 8, remat: bool = False,
+                mesh: Mesh | None = None, total: int | None = None, desc: str = "core fisher",
                 progress: bool = True) -> FisherStats:
-    """Dense r²×r² Fisher of every module's core M (FisherStats.dense[key]), one vmapped grad
-    over all modules at once. at="zero": linearized at θ₀ + base_branches (M = 0, DESIGN §5);
-    at="sigma": at θ₀ + base_branches + ΔW_S (M = diag σ)."""
-    if at not in ("zero", "sigma"):
-        raise ValueError(f"at must be 'zero' or 'sigma', got {at!r}")
-    keys = sorted(spaces)
-    cores = {k: (jnp.zeros((spaces[k].rank,) * 2, jnp.float32) if at == "zero" else jnp.diag(spaces[k].sigma))
-             for k in keys}
+    """Fisher of every core M (FisherStats.dense[key]: r²×r²; .diag[key]: r×r), one vmapped
+    grad over all cores at once. Keys of `spaces` are ModuleKeys or (layer, module, i) when
+    several cores sit on one module. Linearization point θ₀ + base_branches + Σ P·M₀·Qᵀ with
+    M₀ from `at`: "zero" (M₀ = 0, DESIGN §5), "sigma" (M₀ = diag σ, i.e. + ΔW_S), or a
+    mapping {key: M₀ (r, r)}."""
+    keys = sorted(spaces, key=repr)
+    if isinstance(at, str):
+        if at not in ("zero", "sigma"):
+            raise ValueError(f"at must be 'zero', 'sigma' or a mapping of cores, got {at!r}")
+        cores = {k: (jnp.zeros((spaces[k].rank,) * 2, jnp.float32) if at == "zero" else jnp.diag(spaces[k].sigma))
+                 for k in keys}
+    else:
+        missing = [k for k in keys if k not in at]
+        if missing:
+            raise ValueError(f"at has no core for {missing[:3]} (one (r, r) matrix per space)")
+        cores = {k: jnp.asarray(at[k], jnp.float32) for k in keys}
     extra = (dict(base_branches), {k: (spaces[k].p, spaces[k].q) for k in keys})
     point = _core_branches(cores, extra)
     loss = lm_loss_fn(model.config, _core_branches)
     data = _labelled(model.config, model.params, batches, labels, key, point)
-    return accumulate(loss, cores, data, fixed=(model.params, extra), stats=("dense",), chunk=chunk,
+    return accumulate(loss, cores, data, fixed=(model.params, extra), stats=stats, chunk=chunk,
                       remat=remat, mesh=mesh, total=total, desc=desc, progress=progress)
 
 
@@ -229,12 +262,13 @@ class KfacFactors:
     n_samples: int
 
 
-def kfac_sums(tap_loss_fn, fixed, block, mask, out_dims: Mapping[Any, int], chunk: int):
-    """Sums (A_sum, G_sum, tokens) over one block, scanning chunks of `chunk` samples.
+def _tap_scan(update, tap_loss_fn, out_dims: Mapping[Any, int], chunk: int, acc0, fixed, block, mask):
+    """Scan one block in chunks of `chunk` samples, folding every chunk into acc0 with
+    update(acc, grads, inputs, pos, m).
 
     tap_loss_fn(taps, fixed, sub_batch) -> (per-sample losses (b,), inputs {key: (b, T, in)},
     position mask (b, T)); taps {key: zeros (b, T, out)} are added to the module outputs, so
-    ∂Σloss/∂tap[i, t] = ∂Lᵢ/∂y[i, t] (samples are independent)."""
+    grads[k][i, t] = ∂(mᵢLᵢ)/∂y[i, t] (samples are independent; padding samples have m = 0)."""
     n = mask.shape[0]
     xs = jax.tree.map(lambda x: x.reshape((n // chunk, chunk) + x.shape[1:]), (block, mask))
 
@@ -248,28 +282,46 @@ def kfac_sums(tap_loss_fn, fixed, block, mask, out_dims: Mapping[Any, int], chun
             return jnp.sum(losses * m), (inputs, pos)
 
         grads, (inputs, pos) = jax.grad(total, has_aux=True)(taps)
-        w = pos.astype(jnp.float32) * m[:, None]
-        a_sum, g_sum, tokens = acc
-        a_sum = {k: a_sum[k] + jnp.einsum("bti,btj->ij", inputs[k].astype(jnp.float32) * w[..., None],
-                                          inputs[k].astype(jnp.float32), precision=_HI) for k in a_sum}
-        g_sum = {k: g_sum[k] + jnp.einsum("bto,btp->op", grads[k] * w[..., None], grads[k], precision=_HI)
-                 for k in g_sum}
-        return (a_sum, g_sum, tokens + jnp.sum(w)), None
+        inputs = {k: x.astype(jnp.float32) for k, x in inputs.items()}
+        return update(acc, grads, inputs, pos, m), None
 
-    return body, xs
-
-
-def _kfac_step(tap_loss_fn, out_dims, in_dims, chunk, fixed, block, mask):
-    body, xs = kfac_sums(tap_loss_fn, fixed, block, mask, out_dims, chunk)
-    acc0 = ({k: jnp.zeros((d, d), jnp.float32) for k, d in in_dims.items()},
-            {k: jnp.zeros((d, d), jnp.float32) for k, d in out_dims.items()}, jnp.zeros((), jnp.float32))
     acc, _ = jax.lax.scan(body, acc0, xs)
     return acc
 
 
+def _kfac_update(acc, grads, inputs, pos, m):
+    """A_sum += Σ w x xᵀ, G_sum += Σ w g gᵀ over the positions that predict response tokens."""
+    w = pos.astype(jnp.float32) * m[:, None]
+    a_sum, g_sum, tokens = acc
+    a_sum = {k: a_sum[k] + jnp.einsum("bti,btj->ij", inputs[k] * w[..., None], inputs[k], precision=_HI)
+             for k in a_sum}
+    g_sum = {k: g_sum[k] + jnp.einsum("bto,btp->op", grads[k] * w[..., None], grads[k], precision=_HI)
+             for k in g_sum}
+    return a_sum, g_sum, tokens + jnp.sum(w)
+
+
+def _weight_diag_update(acc, grads, inputs, pos, m):
+    """Σ_samples G∘G, G = Σ_t g_t x_tᵀ = ∂Lᵢ/∂W (out, in) over all positions (a prompt
+    position's output reaches later response predictions through attention). Only one
+    chunk of G is alive at a time."""
+    del pos, m  # every position counts; padding samples already have g = 0
+    out = {}
+    for k in acc:
+        g = jnp.einsum("bto,bti->boi", grads[k], inputs[k], precision=_HI)
+        out[k] = acc[k] + jnp.sum(g * g, axis=0)
+    return out
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled_kfac(tap_loss_fn, out_items, in_items, chunk, mesh, axis):
-    step = functools.partial(_kfac_step, tap_loss_fn, dict(out_items), dict(in_items), chunk)
+def _compiled_taps(update, tap_loss_fn, out_items, acc_leaves, acc_def, chunk, mesh, axis):
+    """jit(step(fixed, block, mask) -> sums), psum-reduced over `axis` with a mesh. The
+    accumulator starts as zeros of the shapes acc_leaves in the structure acc_def."""
+    out_dims = dict(out_items)
+
+    def step(fixed, block, mask):
+        acc0 = jax.tree.unflatten(acc_def, [jnp.zeros(s, jnp.float32) for s in acc_leaves])
+        return _tap_scan(update, tap_loss_fn, out_dims, chunk, acc0, fixed, block, mask)
+
     if mesh is None:
         return jax.jit(step)
     rep, shard = PartitionSpec(), PartitionSpec(axis)
@@ -277,16 +329,20 @@ def _compiled_kfac(tap_loss_fn, out_items, in_items, chunk, mesh, axis):
                                  in_specs=(rep, shard, shard), out_specs=rep, check_vma=False))
 
 
-def kfac_accumulate(tap_loss_fn, fixed, batches: Iterable[Any], out_dims: Mapping[Any, int],
-                    in_dims: Mapping[Any, int], *, chunk: int = 8, mesh: Mesh | None = None,
-                    axis: str = "data", total: int | None = None, desc: str = "kfac",
-                    progress: bool = True) -> KfacFactors:
-    """K-FAC factors from zero-perturbation taps (see `kfac_sums`); A averaged over the masked
-    positions of all samples, G summed over positions and averaged over samples."""
-    step = _compiled_kfac(tap_loss_fn, tuple(sorted(out_dims.items(), key=repr)),
-                          tuple(sorted(in_dims.items(), key=repr)), chunk, mesh, axis)
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+def _tap_pass(update, tap_loss_fn, fixed, batches: Iterable[Any], out_dims: Mapping[Any, int], acc_shapes,
+              *, chunk: int, mesh: Mesh | None, axis: str, total: int | None, desc: str,
+              progress: bool) -> tuple[Any, int, float]:
+    """(sums, n_samples, seconds) of `update` over all batches, one jitted step per block."""
+    leaves, treedef = jax.tree.flatten(acc_shapes, is_leaf=_is_shape)
+    step = _compiled_taps(update, tap_loss_fn, tuple(sorted(out_dims.items(), key=repr)), tuple(leaves), treedef,
+                          chunk, mesh, axis)
     n_dev = 1 if mesh is None else int(mesh.shape[axis])
     acc, n_samples = None, 0
+    start = time.perf_counter()
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
     for block in batches:
         block, mask, n = _pad(block, chunk * n_dev)
@@ -298,7 +354,19 @@ def kfac_accumulate(tap_loss_fn, fixed, batches: Iterable[Any], out_dims: Mappin
     bar.close()
     if acc is None:
         raise ValueError(f"{desc}: no samples in batches")
-    a_sum, g_sum, tokens = acc
+    return acc, n_samples, time.perf_counter() - start
+
+
+def kfac_accumulate(tap_loss_fn, fixed, batches: Iterable[Any], out_dims: Mapping[Any, int],
+                    in_dims: Mapping[Any, int], *, chunk: int = 8, mesh: Mesh | None = None,
+                    axis: str = "data", total: int | None = None, desc: str = "kfac",
+                    progress: bool = True) -> KfacFactors:
+    """K-FAC factors from zero-perturbation taps (see `_tap_scan`); A averaged over the masked
+    positions of all samples, G summed over positions and averaged over samples."""
+    shapes = ({k: (d, d) for k, d in in_dims.items()}, {k: (d, d) for k, d in out_dims.items()}, ())
+    (a_sum, g_sum, tokens), n_samples, _ = _tap_pass(
+        _kfac_update, tap_loss_fn, fixed, batches, out_dims, shapes, chunk=chunk, mesh=mesh, axis=axis,
+        total=total, desc=desc, progress=progress)
     tokens = float(tokens)
     if tokens == 0:
         raise ValueError(f"{desc}: no response tokens (loss_mask is all zero)")
@@ -340,3 +408,27 @@ def kfac_factors(model, base_branches: Branches, modules: Sequence[ModuleKey],
     return kfac_accumulate(_lm_tap_loss(config), (model.params, dict(base_branches)), data,
                            out_dims, in_dims, chunk=chunk, mesh=mesh, total=total, desc=desc,
                            progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagonal Fisher of dense weights
+
+
+def weight_diag_fisher(model, base_branches: Branches, modules: Sequence[ModuleKey],
+                       batches: Iterable[Mapping[str, Any]], *, labels: Labels = "empirical",
+                       key: jax.Array | None = None, chunk: int = 8, mesh: Mesh | None = None,
+                       axis: str = "data", total: int | None = None, desc: str = "diag fisher",
+                       progress: bool = True) -> FisherStats:
+    """Diagonal Fisher E_i[(∂Lᵢ/∂W)²] of the dense weight W (out, in) of each of `modules`, at
+    θ₀ + base_branches (FisherStats.diag[key]). The per-sample gradient is Σ_t g_t x_tᵀ with
+    g_t = ∂Lᵢ/∂y_t from zero output taps and x_t the module inputs, so no dense perturbation
+    of W is ever added to the forward pass."""
+    config = model.config
+    shapes = {k: tuple(config.module_shape(k[1])) for k in modules}
+    data = _labelled(config, model.params, batches, labels, key, dict(base_branches))
+    acc, n_samples, seconds = _tap_pass(
+        _weight_diag_update, _lm_tap_loss(config), (model.params, dict(base_branches)), data,
+        {k: s[0] for k, s in shapes.items()}, shapes, chunk=chunk, mesh=mesh, axis=axis, total=total,
+        desc=desc, progress=progress)
+    logging.info("%s: %d samples in %.1f s", desc, n_samples, seconds)
+    return FisherStats(n_samples=n_samples, diag={k: v / n_samples for k, v in acc.items()}, seconds=seconds)

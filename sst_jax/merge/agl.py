@@ -16,8 +16,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from sst_jax.fisher import core_space
 from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
-from sst_jax.merge.fishers import core_space
 from sst_jax.merge.sst import SstFishers, _data, _require_safety, _utility_parts, default_k, sst_fishers
 from sst_jax.models.branches import LowRank, hf_module_path
 

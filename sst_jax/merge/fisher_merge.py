@@ -13,8 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sst_jax.fisher import weight_diag_fisher
 from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
-from sst_jax.merge.fishers import diagonal_weight_fishers
+from sst_jax.merge.fishers import as_batches, n_samples
 
 
 def task_fishers(inputs: MergeInputs, datasets, *, chunk: int = 8) -> list[dict]:
@@ -26,9 +27,10 @@ def task_fishers(inputs: MergeInputs, datasets, *, chunk: int = 8) -> list[dict]
     out = []
     for adapter, data, name in zip(adapters, datasets, names):
         base = {k: (lr,) for k, lr in adapter.items()}
-        f, _ = diagonal_weight_fishers(inputs.model, {k: inputs.shapes[k] for k in inputs.keys}, base, data,
-                                       chunk=chunk, desc=f"diag F ({name})")
-        out.append(f)
+        batches = as_batches(data, name)
+        f = weight_diag_fisher(inputs.model, base, list(inputs.keys), batches, chunk=chunk,
+                               total=n_samples(batches), desc=f"diag F ({name})")
+        out.append(dict(f.diag))
     return out
 
 

@@ -39,10 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sst_jax import fisher as fsh
 from sst_jax.errors import NumericalError
 from sst_jax.linalg import generalized_eigh, project_topk, select_k, shrinkage
 from sst_jax.merge.api import MergeInputs, MergeResult, concat_lowrank, make_result, register
-from sst_jax.merge.fishers import core_fishers, core_space
+from sst_jax.merge.fishers import as_batches, n_samples
 from sst_jax.models.branches import LowRank, ModuleKey, hf_module_path
 
 FisherKind = Literal["core", "diagonal", "kfac"]
@@ -98,8 +99,6 @@ def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "c
     `key`). two_sided: also both Fishers in U's core space, at θ₀ + ΔW_U. utility: a utility
     merge result to use as ΔW_U instead of Σ wᵢΔW_Uᵢ (pass the same one to `sst`).
     """
-    from sst_jax import fisher as fsh
-
     safety = _require_safety(inputs, "sst_fishers")
     if fisher not in ("core", "diagonal", "kfac"):
         raise ValueError(f"fisher must be 'core', 'diagonal' or 'kfac', got {fisher!r}")
@@ -108,7 +107,7 @@ def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "c
     model = inputs.model
     util = _utility_parts(inputs, utility)
     base = {k: (lr,) for k, lr in util.items()}
-    hb, bb = _batches(harmful, "harmful"), _batches(benign, "benign")
+    hb, bb = as_batches(harmful, "harmful"), as_batches(benign, "benign")
     keys = (None, None) if key is None else (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1))
     if fisher == "kfac":
         fh = fsh.kfac_factors(model, base, sorted(safety), hb, labels=labels, key=keys[0], chunk=chunk, desc="K-FAC (harmful)")
@@ -116,25 +115,19 @@ def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "c
         return SstFishers(kind="kfac", harmful={k: (fh.a[k], fh.g[k]) for k in fh.a},
                           benign={k: (fb.a[k], fb.g[k]) for k in fb.a}, n_harmful=fh.n_samples,
                           n_benign=fb.n_samples, labels=labels)
-    spaces = {k: core_space(safety[k]) for k in sorted(safety)}
+    spaces = {k: fsh.core_space(safety[k]) for k in sorted(safety)}
     common = dict(labels=labels, at=safety_at, chunk=chunk)
     fh = fsh.core_fisher(model, base, spaces, hb, key=keys[0], desc="F_h (harmful)", **common)
     fb = fsh.core_fisher(model, base, spaces, bb, key=keys[1], desc="F_b (benign)", **common)
     pick = (lambda d: dict(d)) if fisher == "core" else (lambda d: {k: jnp.diagonal(v) for k, v in d.items()})
     uh = ub = None
     if two_sided:
-        uspaces = {k: core_space(lr) for k, lr in util.items()}
+        uspaces = {k: fsh.core_space(lr) for k, lr in util.items()}
         common["at"] = "sigma"
         uh = pick(fsh.core_fisher(model, {}, uspaces, hb, key=keys[0], desc="F_h (U space)", **common).dense)
         ub = pick(fsh.core_fisher(model, {}, uspaces, bb, key=keys[1], desc="F_b (U space)", **common).dense)
     return SstFishers(kind=fisher, harmful=pick(fh.dense), benign=pick(fb.dense), n_harmful=fh.n_samples,
                       n_benign=fb.n_samples, labels=labels, utility_harmful=uh, utility_benign=ub)
-
-
-def _batches(data, name: str) -> list[dict]:
-    from sst_jax.merge.fishers import _as_batches
-
-    return _as_batches(data, name)
 
 
 def default_k(n: int) -> int:
@@ -252,7 +245,7 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
             if two_sided:
                 if kind == "kfac":
                     raise ValueError("two_sided SST works in core spaces; use fisher='core' or 'diagonal'")
-                us = core_space(util[key])
+                us = fsh.core_space(util[key])
                 fh_u, fb_u = _fisher_for(fishers, key, "utility")
                 # Reversed problem: utility curvature per unit of safety curvature.
                 phi_u, st = project_core(us.phi, fb_u, fh_u, damping=damping, k=k_utility, kind=kind)
@@ -271,7 +264,7 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
             st.update(patch_norm_ratio=norm_p / norm_s if norm_s > 0 else 0.0, norm_scale=nu)
             mstats["safety"] = st
         elif key in safety:
-            s = core_space(safety[key])
+            s = fsh.core_space(safety[key])
             fh, fb = _fisher_for(fishers, key, "safety")
             phi, st = project_core(s.phi, fh, fb, damping=damping, projector=projector, k=k,
                                    lambda_threshold=lambda_threshold, energy=energy, mu=mu, kind=kind)
@@ -309,13 +302,15 @@ def sst_multi_fishers(inputs: MergeInputs, datasets, *, chunk: int = 8) -> Multi
     spaces, at = {}, {}
     for i, (adapter, w) in enumerate(zip(inputs.utility, inputs.weights)):
         for key, lr in adapter.items():
-            spaces[key + (i,)] = s = core_space(lr)
+            spaces[key + (i,)] = s = fsh.core_space(lr)
             at[key + (i,)] = w * jnp.diag(s.sigma)
     out, ns = [], []
     for j, data in enumerate(datasets):
-        f, n = core_fishers(inputs.model, spaces, at, {}, data, chunk=chunk, desc=f"F_{j} ({inputs.names[j]})")
-        out.append(f)
-        ns.append(n)
+        batches = as_batches(data, f"expert {inputs.names[j]}")
+        f = fsh.core_fisher(inputs.model, {}, spaces, batches, at=at, chunk=chunk, total=n_samples(batches),
+                            desc=f"F_{j} ({inputs.names[j]})")
+        out.append(dict(f.dense))
+        ns.append(f.n_samples)
     return MultiFishers(fishers=tuple(out), n_samples=tuple(ns))
 
 
@@ -338,7 +333,7 @@ def sst_multi(inputs: MergeInputs, *, fishers: MultiFishers | None = None, k: in
         for i, (adapter, w) in enumerate(zip(inputs.utility, inputs.weights)):
             if key not in adapter:
                 continue
-            s = core_space(adapter[key])
+            s = fsh.core_space(adapter[key])
             tkey = key + (i,)
             own = jnp.asarray(fishers.fishers[i][tkey])
             others = sum(jnp.asarray(fishers.fishers[j][tkey]) for j in range(len(inputs.utility)) if j != i)

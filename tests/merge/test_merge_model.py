@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sst_jax.merge import core_space, merge, sst_fishers, validate_inputs
-from sst_jax.merge.fishers import core_fishers, diagonal_weight_fishers
+from sst_jax.merge import core_space, merge, sst_fishers, sst_multi_fishers, validate_inputs
+from sst_jax.merge.fisher_merge import task_fishers
+from sst_jax.fisher import core_fisher, weight_diag_fisher
 from sst_jax.models import LowRank, forward, load_model, response_nll
 
 TARGETS = ("q_proj", "v_proj")
@@ -45,8 +46,9 @@ def test_core_fisher_equals_mean_outer_product_of_per_sample_gradients(model, rn
     spaces = {k: core_space(lr) for k, lr in s.items()}
     at = {k: jnp.zeros((2, 2)) for k in spaces}
     base = {k: (lr,) for k, lr in u.items()}
-    got, n = core_fishers(model, spaces, at, base, data, chunk=2)
-    assert n == 5
+    stats = core_fisher(model, base, spaces, [data], at=at, chunk=2, progress=False)
+    got = stats.dense
+    assert stats.n_samples == 5
 
     @jax.jit
     @jax.grad
@@ -65,7 +67,8 @@ def test_diagonal_weight_fisher_equals_mean_squared_weight_gradient(model, rng):
     data = _batch(model, rng, 3)
     key = (0, "v_proj")
     shape = model.config.module_shape("v_proj")
-    got, _ = diagonal_weight_fishers(model, {key: shape}, {}, data, chunk=1)
+    got = weight_diag_fisher(model, {}, [key], [data], chunk=1, progress=False).diag
+    assert got[key].shape == shape
 
     @jax.jit
     @jax.grad
@@ -171,3 +174,49 @@ def test_fisher_merge_from_data_of_an_adapter_with_itself_returns_it(model, rng)
     res = merge("fisher", [u, u], [0.3, 0.7], model=model, data={"tasks": [data, data]})
     for key in u:
         np.testing.assert_allclose(res.delta(key), u[key].delta(), rtol=1e-4, atol=1e-6)
+
+
+def _per_sample(fn, data, n):
+    return [fn(*(data[f][i:i + 1] for f in ("input_ids", "attention_mask", "loss_mask"))) for i in range(n)]
+
+
+def test_sst_multi_fishers_are_per_expert_core_fishers_at_the_weighted_sum(model, rng):
+    experts, weights = [_adapter(model, rng, 2) for _ in range(2)], [0.5, 1.5]
+    data = [_batch(model, rng, 3), _batch(model, rng, 3)]
+    got = sst_multi_fishers(validate_inputs(experts, weights, model=model), data, chunk=2)
+    assert got.n_samples == (3, 3)
+    spaces = {k + (i,): core_space(lr) for i, e in enumerate(experts) for k, lr in e.items()}
+    at = {t: w * jnp.diag(spaces[t].sigma) for t in spaces for i, w in enumerate(weights) if t[2] == i}
+
+    @jax.jit
+    @jax.grad
+    def grad(ms, ids, attn, lmask):
+        br = {}
+        for t, m in ms.items():
+            br[t[:2]] = br.get(t[:2], ()) + (spaces[t].branch(m),)
+        return response_nll(forward(model.config, model.params, ids, attn, branches=br), ids, lmask)[0]
+
+    for j in range(2):
+        grads = _per_sample(lambda *x: grad(at, *x), data[j], 3)
+        for t in spaces:
+            g = np.stack([np.asarray(gr[t], np.float64).reshape(-1) for gr in grads])
+            np.testing.assert_allclose(got.fishers[j][t], g.T @ g / 3, rtol=1e-4, atol=1e-10)
+
+
+def test_task_fishers_are_squared_weight_gradients_at_each_task_vector(model, rng):
+    u, s = _adapter(model, rng, 2), _adapter(model, rng, 2)
+    data = [_batch(model, rng, 3), _batch(model, rng, 3)]
+    got = task_fishers(validate_inputs([u], safety=s, alpha=0.5, model=model), data, chunk=2)
+    assert len(got) == 2
+    for adapter, f, d in zip((u, s), got, data):
+        br = {k: (lr,) for k, lr in adapter.items()}
+
+        @jax.jit
+        @jax.grad
+        def grad(params, ids, attn, lmask):
+            return response_nll(forward(model.config, params, ids, attn, branches=br), ids, lmask)[0]
+
+        grads = _per_sample(lambda *x: grad(model.params, *x), d, 3)
+        for key in (0, "q_proj"), (0, "v_proj"):
+            want = np.mean([np.asarray(g["layers"][0][key[1]]["weight"], np.float64) ** 2 for g in grads], axis=0)
+            np.testing.assert_allclose(f[key], want, rtol=1e-4, atol=1e-12)

@@ -156,20 +156,11 @@ def bench_merge(args) -> list:
     from bench import merge as bm
 
     rows = []
-    saved = (bm.D, bm.FF, bm.KV, dict(bm.SHAPES))
-    if args.dry_run:
-        bm.D, bm.FF, bm.KV = 128, 344, 64
-        bm.SHAPES.update({"q_proj": (128, 128), "k_proj": (64, 128), "v_proj": (64, 128), "o_proj": (128, 128),
-                          "gate_proj": (344, 128), "up_proj": (344, 128), "down_proj": (128, 344)})
-    try:
-        for method in ("task_arithmetic", "ties", "dare_ties", "sst"):
-            res = bm.run_ours(method, args.experts, 1)
-            rows.append([f"merge {method}, {args.experts} experts, 1 layer (s)", res["seconds"], None, None,
-                         f"×32 layers ≈ {32 * res['seconds']:.1f} s; first call {res['first_call_seconds']:.1f} s"])
-    finally:
-        bm.D, bm.FF, bm.KV = saved[:3]
-        bm.SHAPES.clear()
-        bm.SHAPES.update(saved[3])
+    bm.set_width(32 if args.dry_run else 1)
+    for method in ("task_arithmetic", "ties", "dare_ties", "sst"):
+        res = bm.run_ours(method, args.experts, 1)
+        rows.append([f"merge {method}, {args.experts} experts, 1 layer (s)", res["seconds"], None, None,
+                     f"×32 layers ≈ {32 * res['seconds']:.1f} s; first call {res['first_call_seconds']:.1f} s"])
     return rows
 
 
@@ -208,7 +199,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--peak-tflops", type=float, default=None)
-    ap.add_argument("--only", default="fisher,eigh,merge,eval")
+    ap.add_argument("--only", default="fisher,eigh,eval,merge")
     args = ap.parse_args()
     if args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -26,7 +26,8 @@ SIZES = {  # tiny Llamas: (d_model, n_layers, n_heads, n_kv_heads, d_ff)
     "m": (256, 4, 4, 2, 688),
     "l": (512, 8, 8, 4, 1376),
 }
-VOCAB, SEQ, PROMPT, RANK, CHUNK = 512, 64, 32, 8, 16
+VOCAB, SEQ, PROMPT, RANK = 512, 64, 32, 8
+CHUNK = int(os.environ.get("SST_BENCH_CHUNK", "16"))  # samples per vmapped gradient (--chunk)
 REPEATS = 2  # best of: the shared machine's load changes by the second
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -243,11 +244,15 @@ def main() -> None:
     ap.add_argument("--case")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for both frameworks")
+    ap.add_argument("--chunk", type=int, default=16, help="samples per vmapped gradient (both frameworks)")
     args = ap.parse_args()
     if args.case:
         common.emit(case_result(args.case))
         return
     os.environ["SST_BENCH_THREADS"] = str(args.threads)
+    os.environ["SST_BENCH_CHUNK"] = str(args.chunk)
+    global CHUNK
+    CHUNK = args.chunk
     grid = [("lora", "m", 16), ("lora", "m", 64)] if args.quick else [
         ("lora", "s", 32), ("lora", "m", 16), ("lora", "m", 32), ("lora", "m", 64), ("lora", "l", 32),
         ("core", "m", 32)]
@@ -283,7 +288,8 @@ def main() -> None:
              "(dense r²×r² core Fisher, SST's input)."]
     slopes = _slopes(results, grid)
     notes += slopes
-    common.write_table("fisher_per_sample", "Per-sample Fisher: samples/s (higher is better) and peak memory",
+    name = "fisher_per_sample" + ("" if args.chunk == 16 else f"_chunk{args.chunk}") + ("_quick" if args.quick else "")
+    common.write_table(name, "Per-sample Fisher: samples/s (higher is better) and peak memory",
                        ["case", "sst-jax /s", "torch.func /s", "torch loop /s", "jax÷func", "jax÷loop",
                         "jax MiB", "func MiB", "loop MiB"], rows, notes, extra={"results": results})
 

@@ -1,4 +1,5 @@
-"""Model-facing Fisher estimators: SST core space, diagonal, and K-FAC factors.
+"""Model-facing Fisher estimators: SST core space, diagonal, K-FAC factors, and the diagonal
+Fisher of dense weights (Fisher merging).
 
 Per-sample loss = mean NLL over the response tokens (`sst_jax.models.loss.response_nll`) of
 `sst_jax.models.forward` with side branches, on the chat-formatted batches of
@@ -16,7 +17,13 @@ Labels:
 The core space of S per module (DESIGN.md §5): ΔW_S = P Σ Qᵀ (compact SVD), and the
 differentiated variable is M (r×r) in LowRank(a=Qᵀ, b=P, core=M): ΔW(M) = P M Qᵀ. The Fisher
 is taken at M = 0 (the linearization point θ₀ + ΔW_U, given as `base_branches`) by default,
-or at M = Σ (θ₀ + ΔW_U + ΔW_S). Coordinates of M are row-major: φ_S = vec(diag Σ) = `CoreSpace.phi`.
+or at M = Σ (θ₀ + ΔW_U + ΔW_S), or at any given M₀. Coordinates of M are row-major: φ_S =
+vec(diag Σ) = `CoreSpace.phi`. Several cores on one module (one per expert, `sst_multi`) are
+keyed (layer, module, i) and added side by side.
+
+K-FAC and the dense-weight diagonal share one pass: zero `OutputTap`s on the module outputs
+give g_t = ∂Lᵢ/∂y_t, and `forward(capture_inputs=True)` gives the inputs x_t; K-FAC sums
+x xᵀ and g gᵀ, the diagonal squares the per-sample weight gradient Σ_t g_t x_tᵀ.
 """
 
 from __future__ import annotations

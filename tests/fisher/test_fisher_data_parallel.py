@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh
     from sst_jax.data.chat import collate, encode_chat
-    from sst_jax.fisher import core_fisher, core_spaces, kfac_accumulate
+    from sst_jax.fisher import core_fisher, core_spaces, kfac_accumulate, weight_diag_fisher
     from sst_jax.fisher.per_sample import accumulate
     from sst_jax.models import LowRank, load_model
 
@@ -64,6 +64,11 @@ SCRIPT = textwrap.dedent("""
     c4 = core_fisher(tiny, {}, core_spaces(s), [batch], chunk=1, mesh=mesh, progress=False).dense[key]
     out["core"] = float(np.abs(np.asarray(c1) - np.asarray(c4)).max())
     out["core_scale"] = float(np.abs(np.asarray(c1)).max())
+    w1 = weight_diag_fisher(tiny, {}, [key], [batch], chunk=1, progress=False)
+    w4 = weight_diag_fisher(tiny, {}, [key], [batch], chunk=1, mesh=mesh, progress=False)
+    out["wdiag"] = float(np.abs(np.asarray(w1.diag[key]) - np.asarray(w4.diag[key])).max())
+    out["wdiag_scale"] = float(np.abs(np.asarray(w1.diag[key])).max())
+    out["wdiag_n"] = [w1.n_samples, w4.n_samples]
     print("RESULT" + json.dumps(out))
 """)
 
@@ -78,3 +83,5 @@ def test_data_parallel_equals_single_device():
     assert res["accumulate"] < 1e-5
     assert res["kfac"] < 1e-5 * max(1.0, res["kfac_scale"])
     assert res["core"] < 1e-5 * max(1e-3, res["core_scale"])
+    assert res["wdiag_n"] == [5, 5]
+    assert res["wdiag_scale"] > 0 and res["wdiag"] < 1e-5 * res["wdiag_scale"]

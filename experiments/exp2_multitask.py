@@ -28,11 +28,11 @@ def run(wb: Workbench) -> dict:
         for d, e in zip(domains, experts):
             if d not in experts_alone:
                 experts_alone[d] = wb.evaluate_adapter(f"expert:{d}", e, domains=[d], refusal=False,
-                                                       over_refusal=False, nll=False)
+                                                       over_refusal=False, nll=False, mc=False)
         methods = {}
         for method in cfg["methods"]:
             res = wb.evaluate_merge(method, experts, [1.0] * n, safety=safety, alpha=1.0,
-                                    domains=domains, over_refusal=False)
+                                    domains=domains, over_refusal=False, mc=False)
             per_domain = res["metrics"]["utility_per_domain"]
             retention = {d: _ratio(per_domain[d]["value"], experts_alone[d]["metrics"]["utility"]["value"])
                          for d in domains}

@@ -27,13 +27,13 @@ def summary_rows(exp: str, payload: dict) -> tuple[list[str], list[list[str]]]:
     rows: list[list[str]] = []
     if exp == "exp1":
         header = ["seed", "configuration", "refusal % [95% CI]", "over-refusal %", "utility %",
-                  "refusal NLL", "abs. tax", "rel. tax"]
+                  "MC utility %", "refusal NLL", "abs. tax", "rel. tax"]
         for seed, res in payload["results"].items():
             for name, ev in res["configurations"].items():
                 m = ev["metrics"]
                 tax = res["safety_tax"].get(name, {})
                 rows.append([seed, name, _fmt(m.get("refusal")), _fmt(m.get("over_refusal")),
-                             _fmt(m.get("utility")), _num(m.get("refusal_nll")),
+                             _fmt(m.get("utility")), _fmt(m.get("utility_mc")), _num(m.get("refusal_nll")),
                              _num(tax.get("absolute")), _num(tax.get("relative"))])
     elif exp == "exp2":
         header = ["seed", "N", "method", "retention mean", "retention worst", "refusal %",

@@ -55,6 +55,7 @@ class Splits:
     mc_train: Mapping[str, tuple[MCQuestion, ...]]
     mc_test: Mapping[str, tuple[MCQuestion, ...]]
     gen_train: Mapping[str, tuple[tuple[str, str], ...]]
+    gen_test: Mapping[str, tuple[tuple[str, str], ...]]
     sources: Mapping[str, str]
 
     def describe(self) -> dict:
@@ -64,6 +65,7 @@ class Splits:
             "domains": list(self.domains),
             "mc_train_per_domain": {d: len(v) for d, v in self.mc_train.items()},
             "mc_test_per_domain": {d: len(v) for d, v in self.mc_test.items()},
+            "gen_test_per_domain": {d: len(v) for d, v in self.gen_test.items()},
             "sources": dict(self.sources),
         }
 
@@ -127,17 +129,22 @@ def build_splits(cfg: dict, *, seed: int, beavertails_path: str | None = None,
         mc_test = {s: tuple(q for q in test_qs if q.subject == s)[:n_te] for s in domains}
         mc_train = {s: tuple(q for q in train_qs if q.subject == s)[:n_tr] for s in domains}
         gen_train = {s: () for s in domains}
+        gen_test = {s: () for s in domains}
         sources["utility"] = f"MMLU ({mmlu_path})"
     else:
         needed = max([1] + [int(n) for n in cfg.get("exp2", {}).get("n_experts", [])])
-        domains = UTILITY_DOMAINS[:needed]
+        # Configured order first (domains a short LoRA learns well), then the rest.
+        preferred = [d for d in cfg.get("utility_domains", []) if d in UTILITY_DOMAINS]
+        domains = tuple(preferred + [d for d in UTILITY_DOMAINS if d not in preferred])[:needed]
         mc_train = {s: _up_to(utility_mc, s, "train", n_tr, seed) for s in domains}
         mc_test = {s: _up_to(utility_mc, s, "test", n_te, seed) for s in domains}
         gen_train = {s: tuple((g.prompt, g.response) for g in _up_to(utility_generative, s, "train", n_tr, seed))
                      for s in domains}
+        gen_test = {s: tuple((g.prompt, g.response) for g in _up_to(utility_generative, s, "test", n_te, seed))
+                    for s in domains}
         sources["utility"] = "sst-jax procedurally generated utility tasks (sst_jax.data.utility_tasks)"
     return Splits(h_train, h_test, b_train, b_test, tuple(embedded.refusal_targets()), domains,
-                  mc_train, mc_test, gen_train, sources)
+                  mc_train, mc_test, gen_train, gen_test, sources)
 
 
 def adapter_hash(adapter: LoraAdapter) -> str:
@@ -388,7 +395,7 @@ class Workbench:
 
     def evaluate(self, label: str, recipe: dict, build, *,
                  domains: Sequence[str], refusal: bool = True, over_refusal: bool = True,
-                 nll: bool = True) -> dict:
+                 nll: bool = True, mc: bool = True) -> dict:
         """Metrics (with n and 95% CIs) and the per-sample records behind them; cached.
 
         `build()` returns (branches or None, merge report); it runs only on a cache miss, and
@@ -396,7 +403,8 @@ class Workbench:
         """
         gcfg = self.cfg["generation"]
         full_recipe = {"model": self.model_id(), "merge": recipe, "domains": list(domains),
-                       "refusal": refusal, "over_refusal": over_refusal, "nll": nll,
+                       "refusal": refusal, "over_refusal": over_refusal, "nll": nll, "mc": mc,
+                       "utility_metric": self.utility_metric(),
                        "generation": gcfg, "judge": self.judge.name,
                        "harmful_test": list(self.splits.harmful_test) if refusal else None,
                        "benign_test": list(self.splits.benign_test) if over_refusal else None}
@@ -404,7 +412,7 @@ class Workbench:
         def compute():
             branches, report = build() if build is not None else (None, {})
             with self.timings("evaluate"):
-                out = self._evaluate(label, branches, domains, refusal, over_refusal, nll)
+                out = self._evaluate(label, branches, domains, refusal, over_refusal, nll, mc)
             out["merge_report"] = report
             return out
 
@@ -412,7 +420,16 @@ class Workbench:
         result["label"] = label
         return result
 
-    def _evaluate(self, label, branches, domains, refusal, over_refusal, nll) -> dict:
+    def utility_metric(self) -> str:
+        metric = self.cfg.get("utility_metric", "generative")
+        if metric not in self.available_utility():
+            metric = "mc"
+        return metric
+
+    def available_utility(self) -> tuple[str, ...]:
+        return ("mc", "generative") if any(self.splits.gen_test.values()) else ("mc",)
+
+    def _evaluate(self, label, branches, domains, refusal, over_refusal, nll, mc) -> dict:
         params = self.model.params
         if branches:
             params = fold(params, deltas_of(branches), self.model.config)
@@ -432,20 +449,36 @@ class Workbench:
                 metrics["over_refusal"] = proportion(verdicts[n_h:]).as_dict()
                 records["benign"] = [{"prompt": p, "response": r, "refused": v}
                                      for p, r, v in zip(prompts[n_h:], responses[n_h:], verdicts[n_h:])]
-        per_domain = {}
-        all_correct: list[bool] = []
-        records["utility"] = []
-        for domain in domains:
-            res = mc_eval.evaluate_mc(self.model, params, list(s.mc_test[domain]),
-                                      batch_size=self.cfg["generation"]["batch_size"], desc=f"MC {label} {domain}")
-            per_domain[domain] = res.accuracy.as_dict()
-            all_correct += [r.correct for r in res.records]
-            records["utility"] += [{"domain": domain, "question": r.question, "answer": r.answer,
-                                    "choice_loglik": list(r.loglik), "prediction": r.prediction,
-                                    "correct": r.correct} for r in res.records]
-        if domains:
-            metrics["utility"] = proportion(all_correct).as_dict()
-            metrics["utility_per_domain"] = per_domain
+        # Utility: generative exact match on the domains' held-out items (what a short LoRA
+        # can actually teach a 135M model) and/or lm-eval MC accuracy (the MMLU protocol).
+        # cfg["utility_metric"] picks the one that is "utility"; the other is reported beside.
+        primary = self.utility_metric()
+        kinds = [primary] + ([other] if mc and (other := "mc" if primary == "generative" else "generative")
+                             in self.available_utility() else [])
+        for kind in kinds:
+            name = "utility" if kind == primary else f"utility_{kind}"
+            per_domain, all_correct, recs = {}, [], []
+            for domain in domains:
+                if kind == "mc":
+                    res = mc_eval.evaluate_mc(self.model, params, list(s.mc_test[domain]),
+                                              batch_size=self.cfg["generation"]["batch_size"],
+                                              desc=f"MC {label} {domain}")
+                    rows = [{"domain": domain, "question": r.question, "answer": r.answer,
+                             "choice_loglik": list(r.loglik), "prediction": r.prediction,
+                             "correct": r.correct} for r in res.records]
+                else:
+                    res = safety_eval.evaluate_generative(
+                        self.model, params, list(s.gen_test[domain]),
+                        max_new_tokens=int(self.cfg["generation"].get("utility_max_new_tokens", 12)),
+                        batch_size=self.cfg["generation"]["batch_size"], desc=f"exact-match {label} {domain}")
+                    rows = [{"domain": domain, **r} for r in res.records]
+                per_domain[domain] = res.accuracy.as_dict()
+                all_correct += [r["correct"] for r in rows]
+                recs += rows
+            if domains:
+                metrics[name] = proportion(all_correct).as_dict()
+                metrics[f"{name}_per_domain"] = per_domain
+                records[name] = recs
         if nll and refusal:
             refusals = [embedded.refusal_for(p) for p in s.harmful_test]
             nll_result = safety_eval.teacher_forced_nll(

@@ -368,17 +368,42 @@ class MergeResult:
         export_merged_hf(model, self.to_merged_params(model), directory)
 
 
+@jax.jit
+def _frobenius_norm(us: tuple[jax.Array, ...], vs: tuple[jax.Array, ...], dense: jax.Array | None) -> jax.Array:
+    """‖D + Σᵢ UᵢVᵢ‖_F without forming Σ UᵢVᵢ: with U = [Uᵢ] (out, R), V = [Vᵢ] (R, in),
+    ‖UV‖² = Σ (UᵀU) ⊙ (VVᵀ) (R×R Grams), ‖D + UV‖² = ‖D‖² + 2 Σ (UᵀD) ⊙ V + ‖UV‖²."""
+    with jax.default_matmul_precision("highest"):
+        total = jnp.zeros((), jnp.float32)
+        if us:
+            u, v = jnp.concatenate(us, axis=1), jnp.concatenate(vs, axis=0)
+            total = total + jnp.sum((u.T @ u) * (v @ v.T))
+        if dense is not None:
+            d = dense.astype(jnp.float32)
+            total = total + jnp.sum(jnp.square(d))
+            if us:
+                total = total + 2.0 * jnp.sum((u.T @ d) * v)
+    return jnp.sqrt(jnp.maximum(total, 0.0))
+
+
+def _branch_factors(lr: LowRank) -> tuple[jax.Array, jax.Array]:
+    """(U, V) with U V = lr.delta(): U = s·B·C (out, r), V = A (r, in), in float32."""
+    b = jnp.asarray(lr.b, jnp.float32)
+    if lr.core is not None:
+        b = b @ jnp.asarray(lr.core, jnp.float32)
+    return jnp.asarray(lr.scale, jnp.float32) * b, jnp.asarray(lr.a, jnp.float32)
+
+
 def module_report(result_factors: Mapping[ModuleKey, tuple[LowRank, ...]],
                   dense: Mapping[ModuleKey, jax.Array]) -> dict[str, dict]:
-    """Per-module rank (None when dense) and ‖ΔW‖_F."""
+    """Per-module rank (None when dense) and ‖ΔW‖_F (from r×r Gram matrices: no dense ΔW is
+    formed for factor-only modules)."""
     out = {}
     for k in sorted(set(result_factors) | set(dense)):
-        total = sum((lr.delta() for lr in result_factors.get(k, ())), jnp.zeros(()))
-        if k in dense:
-            total = total + dense[k]
+        pairs = [_branch_factors(lr) for lr in result_factors.get(k, ())]
+        norm = _frobenius_norm(tuple(u for u, _ in pairs), tuple(v for _, v in pairs), dense.get(k))
         out[hf_module_path(k)] = {
             "rank": None if k in dense else int(sum(lr.a.shape[0] for lr in result_factors[k])),
-            "norm": float(jnp.linalg.norm(total)),
+            "norm": float(norm),
         }
     return out
 

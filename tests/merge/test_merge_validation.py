@@ -89,3 +89,27 @@ def test_registry_lists_every_method_with_its_flags():
 def test_data_aware_method_without_fishers_or_data_says_what_it_needs(rng):
     with pytest.raises(ValueError, match="model= and data="):
         merge("sst", [random_adapter(rng, 2)], safety=random_adapter(rng, 2))
+
+
+@pytest.mark.parametrize("with_dense", [False, True])
+def test_module_report_norm_matches_dense_norm(with_dense):
+    """‖ΔW‖_F from Gram matrices equals numpy's norm of the materialised sum (float64)."""
+    from sst_jax.merge.api import module_report
+
+    rng = np.random.default_rng(3)
+    out_dim, in_dim = 37, 23
+    branches, total = [], np.zeros((out_dim, in_dim))
+    for r, with_core in ((3, False), (5, True), (2, False)):
+        a, b = rng.normal(size=(r, in_dim)), rng.normal(size=(out_dim, r))
+        core = rng.normal(size=(r, r)) if with_core else None
+        s = float(rng.uniform(0.5, 2.0))
+        branches.append(LowRank(a=jnp.asarray(a, jnp.float32), b=jnp.asarray(b, jnp.float32), scale=s,
+                                core=None if core is None else jnp.asarray(core, jnp.float32)))
+        total += s * (b @ (np.eye(r) if core is None else core) @ a)
+    dense = {}
+    if with_dense:
+        d = rng.normal(size=(out_dim, in_dim))
+        dense[(0, "q_proj")] = jnp.asarray(d, jnp.float32)
+        total += d
+    rep = module_report({(0, "q_proj"): tuple(branches)}, dense)
+    np.testing.assert_allclose(rep["model.layers.0.self_attn.q_proj"]["norm"], np.linalg.norm(total), rtol=1e-5)

@@ -1,8 +1,9 @@
 """TIES-Merging (Yadav et al., 2023) and magnitude pruning on per-module ΔW (dense result).
 
 Convention (ours):
-- trim: each task vector keeps its top `density` fraction of entries by |value|, counted per
-  module (k = ⌊density·numel⌋, as PEFT; the paper trims over the whole flattened model);
+- trim: each task vector keeps its entries with |value| ≥ its k-th largest |value|, counted per
+  module (k = ⌊density·numel⌋, as PEFT; entries tied at the threshold are all kept, see
+  `magnitude_trim`; the paper trims over the whole flattened model);
 - elect: the sign of each entry is sign(Σᵢ wᵢ·trimᵢ) (`majority_sign="weighted"`; a zero sum
   elects +). "total" elects from the unweighted sum Σᵢ trimᵢ (PEFT's default), "frequency"
   from Σᵢ sign(trimᵢ);
@@ -28,19 +29,37 @@ from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
 SignMethod = Literal["weighted", "total", "frequency"]
 
 
+def _kth_largest_bits(bits: jax.Array, k: int) -> jax.Array:
+    """The k-th largest of non-negative float32 bit patterns (uint32), exactly, by bisection:
+    the largest t with #{bits ≥ t} ≥ k. Bit patterns of non-negative floats order like the
+    floats, so 31 counting passes replace a sort (XLA's CPU top_k/sort is ~25× slower here)."""
+    def step(_, lo_hi):
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid, dtype=jnp.int32) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 31, step, (jnp.uint32(0), jnp.uint32(1 << 31)))
+    return lo
+
+
 def magnitude_trim(x: jax.Array, density: float) -> jax.Array:
-    """Keep the ⌊density·numel⌋ entries of largest |x| (others zero); density ≥ 1 keeps all."""
+    """Keep the entries with |x| ≥ the k-th largest |x|, k = ⌊density·numel⌋ (others zero);
+    density ≥ 1 keeps all, k = 0 keeps none.
+
+    This keeps exactly k entries unless the k-th and (k+1)-th largest |x| are equal: then all
+    entries tied at that threshold are kept (more than k). PEFT's `magnitude_based_pruning`
+    keeps exactly k (torch.topk indices, ties broken arbitrarily); the two agree whenever the
+    threshold is not tied."""
     if density >= 1.0:
         return x
     if density < 0.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
-    flat = x.reshape(-1)
-    k = int(density * flat.size)
+    k = int(density * x.size)
     if k == 0:
         return jnp.zeros_like(x)
-    _, idx = jax.lax.top_k(jnp.abs(flat), k)
-    mask = jnp.zeros(flat.shape, x.dtype).at[idx].set(1)
-    return (flat * mask).reshape(x.shape)
+    bits = jax.lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
+    return jnp.where(bits >= _kth_largest_bits(bits, k), x, jnp.zeros_like(x))
 
 
 def elect_sign(trimmed: jax.Array, weights: jax.Array, method: SignMethod = "weighted") -> jax.Array:

@@ -1,6 +1,7 @@
 """Task arithmetic, TIES, magnitude pruning and DARE against hand-computed fixtures."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -92,3 +93,23 @@ def test_dare_expected_value_is_the_undropped_delta(rng):
     want = np_delta(u[0][K])
     # Each entry's estimator has std |x|·√((1-p)/p / 400) = |x|/20; allow 4σ.
     assert np.all(np.abs(mean - want) <= 4 * np.abs(want) / 20 + 1e-5)
+
+
+def test_magnitude_trim_keeps_top_k_by_numpy_sort():
+    from sst_jax.merge.ties import magnitude_trim
+
+    x = np.random.default_rng(5).normal(size=(31, 17)).astype(np.float32)
+    k = int(0.3 * x.size)
+    expect = np.where(np.abs(x) >= np.sort(np.abs(x).ravel())[::-1][k - 1], x, 0.0)
+    got = np.asarray(magnitude_trim(jnp.asarray(x), 0.3))
+    np.testing.assert_array_equal(got, expect)
+    assert np.count_nonzero(got) == k
+
+
+def test_magnitude_trim_keeps_all_entries_tied_at_the_threshold():
+    from sst_jax.merge.ties import magnitude_trim
+
+    x = jnp.asarray([[3.0, -2.0, 2.0, 1.0], [2.0, 0.5, -0.0, -4.0]])
+    # k = ⌊0.4·8⌋ = 3: the 3rd largest |x| is 2, shared by three entries; all are kept.
+    expect = np.array([[3.0, -2.0, 2.0, 0.0], [2.0, 0.0, 0.0, -4.0]])
+    np.testing.assert_array_equal(np.asarray(magnitude_trim(x, 0.4)), expect)

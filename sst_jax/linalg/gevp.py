@@ -61,7 +61,9 @@ def _reduce_and_solve(a: jax.Array, b: jax.Array, damping: jax.Array, top_k: int
         piv2 = jnp.square(jnp.diagonal(chol, axis1=-2, axis2=-1))
         finite = jnp.all(jnp.isfinite(chol), axis=(-2, -1)) & jnp.all(jnp.isfinite(piv2), axis=-1)
         ratio = jnp.min(piv2, axis=-1) / jnp.max(piv2, axis=-1)
-    return w, v, finite, ratio
+        a_ok = jnp.all(jnp.isfinite(a), axis=(-2, -1))
+        b_ok = jnp.all(jnp.isfinite(b), axis=(-2, -1))
+    return w, v, finite, ratio, a_ok, b_ok
 
 
 def generalized_eigh(a: jax.Array, b: jax.Array, *, damping: float = 0.0,
@@ -87,13 +89,15 @@ def generalized_eigh(a: jax.Array, b: jax.Array, *, damping: float = 0.0,
     dtype = jnp.result_type(a.dtype, b.dtype, jnp.float32)
     a, b = a.astype(dtype), b.astype(dtype)
     n = a.shape[-1]
-    for label, m in (("A", a), (name, b)):
-        bad = ~np.asarray(jnp.all(jnp.isfinite(m), axis=(-2, -1)))
-        if bad.any():
-            raise NumericalError(f"{label} has NaN/Inf entries at batch index {_first(bad)}")
     if top_k is not None and not 0 < top_k <= n:
         raise ValueError(f"top_k={top_k} must be in 1..{n}")
-    w, v, finite, ratio = _reduce_and_solve(a, b, jnp.asarray(damping, dtype), top_k)
+    # One dispatch and one host transfer: the input checks run inside the jitted solve.
+    w, v, finite, ratio, a_ok, b_ok = _reduce_and_solve(a, b, jnp.asarray(damping, dtype), top_k)
+    finite, ratio, a_ok, b_ok = jax.device_get((finite, ratio, a_ok, b_ok))
+    for label, ok in (("A", a_ok), (name, b_ok)):
+        bad = ~np.asarray(ok)
+        if bad.any():
+            raise NumericalError(f"{label} has NaN/Inf entries at batch index {_first(bad)}")
     tol = n * float(jnp.finfo(dtype).eps) if rcond is None else rcond
     bad = ~(np.asarray(finite) & (np.asarray(ratio) > tol))
     if bad.any():
@@ -112,7 +116,7 @@ def generalized_eigh_traced(a: jax.Array, b: jax.Array, *, damping: float | jax.
     False where B_δ is not PD at working precision (those entries are NaN or meaningless)."""
     dtype = jnp.result_type(a.dtype, b.dtype, jnp.float32)
     n = a.shape[-1]
-    w, v, finite, ratio = _reduce_and_solve(a.astype(dtype), b.astype(dtype), jnp.asarray(damping, dtype), top_k)
+    w, v, finite, ratio, _, _ = _reduce_and_solve(a.astype(dtype), b.astype(dtype), jnp.asarray(damping, dtype), top_k)
     tol = n * float(jnp.finfo(dtype).eps) if rcond is None else rcond
     return w, v, finite & (ratio > tol)
 

@@ -59,8 +59,10 @@ def run(wb: Workbench) -> dict:
         "utility_only": wb.evaluate_adapter("utility_only", utility, domains=[domain]),
     }
     for method in cfg["methods"]:
+        # MC utility is measured for the base model and the adapters alone; merges are
+        # scored on the primary utility metric (the same evaluation exp3 reuses from cache).
         configs[f"{method}@{alpha:g}"] = wb.evaluate_merge(method, [utility], [1.0], safety=safety,
-                                                           alpha=alpha, domains=[domain])
+                                                           alpha=alpha, domains=[domain], mc=False)
     taxes = {name: tax_with_interval(configs["utility_only"], res, seed=wb.seed)
              for name, res in configs.items() if name not in ("base", "safety_only", "utility_only")}
     return {"utility_domain": domain, "alpha": alpha, "configurations": configs, "safety_tax": taxes}

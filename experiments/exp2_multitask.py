@@ -32,7 +32,7 @@ def run(wb: Workbench) -> dict:
         methods = {}
         for method in cfg["methods"]:
             res = wb.evaluate_merge(method, experts, [1.0] * n, safety=safety, alpha=1.0,
-                                    domains=domains, over_refusal=False, mc=False)
+                                    domains=domains, over_refusal=False, nll=False, mc=False)
             per_domain = res["metrics"]["utility_per_domain"]
             retention = {d: _ratio(per_domain[d]["value"], experts_alone[d]["metrics"]["utility"]["value"])
                          for d in domains}

@@ -23,7 +23,7 @@ def run(wb: Workbench) -> dict:
         for alpha in cfg["alphas"]:
             name = f"{method}@{float(alpha):g}"
             res = wb.evaluate_merge(method, [utility], [1.0], safety=safety, alpha=float(alpha),
-                                    domains=[domain])
+                                    domains=[domain], mc=False)
             evaluations[name] = res
             m = res["metrics"]
             tax = tax_with_interval(before, res, seed=wb.seed)

@@ -55,6 +55,14 @@ flags.DEFINE_string("mmlu_path", None,
 flags.DEFINE_string("benign_path", None,
                     "Local JSON/JSONL file of benign prompts (field 'prompt') for "
                     "over-refusal and F_b; default: the embedded benign set.")
+flags.DEFINE_string("safety_adapter", None,
+                    "A PEFT safety adapter directory to use instead of training one "
+                    "(adapter_model.safetensors + adapter_config.json for this base model).")
+flags.DEFINE_list("utility_adapters", [],
+                  "PEFT utility adapters to use instead of training experts, as "
+                  "DOMAIN=DIR entries (DOMAIN: an MMLU subject with --mmlu_path, or an embedded "
+                  "utility domain), e.g. abstract_algebra=/ckpt/alg,anatomy=/ckpt/anat. They are "
+                  "the first experts of exp2 and the first is U in exp1/exp3.")
 flags.DEFINE_enum("judge", "keyword", ["keyword"],
                   "Refusal judge: 'keyword' = the pinned GCG refusal-prefix list applied to "
                   "the response only. Classifier judges plug in through sst_jax.eval.")

@@ -26,11 +26,29 @@ def run_from_flags(flags) -> int:
                              output_dir=flags.output_dir, seed=flags.seed,
                              use_saved_adapters=flags.use_saved_adapters, dtype=flags.dtype,
                              beavertails_path=flags.beavertails_path, mmlu_path=flags.mmlu_path,
-                             benign_path=flags.benign_path, judge=flags.judge)
+                             benign_path=flags.benign_path, judge=flags.judge,
+                             external_adapters=parse_adapter_flags(flags.safety_adapter,
+                                                                   flags.utility_adapters))
     print("\nresult files:")
     for path in written:
         print(f"  {path}")
     return 0
+
+
+def parse_adapter_flags(safety: str | None, utility: list[str]) -> dict[str, str]:
+    """{'safety': dir, 'expert:<domain>': dir} from --safety_adapter / --utility_adapters."""
+    out = {}
+    if safety:
+        out["safety"] = safety
+    for entry in utility:
+        domain, sep, path = entry.partition("=")
+        if not sep or not domain or not path:
+            raise SystemExit(f"--utility_adapters entry {entry!r} is not DOMAIN=DIR")
+        out[f"expert:{domain}"] = path
+    for name, path in out.items():
+        if not Path(path).is_dir():
+            raise SystemExit(f"adapter {name}: {path} is not a directory (expected a PEFT adapter folder)")
+    return out
 
 
 def default_dtype() -> str:
@@ -49,10 +67,15 @@ def make_judge(name: str):
 
 def run_model(model_name: str, experiments, *, mode: str, config_path: str | None, output_dir: str,
               seed: int, use_saved_adapters: bool = True, dtype: str | None = None,
-              beavertails_path=None, mmlu_path=None, benign_path=None, judge: str = "keyword") -> list[Path]:
+              beavertails_path=None, mmlu_path=None, benign_path=None, judge: str = "keyword",
+              external_adapters: dict[str, str] | None = None) -> list[Path]:
     from sst_jax.models import load_model
 
     cfg = load_config(mode, model_name, config_path)
+    external_adapters = dict(external_adapters or {})
+    given_domains = [k.split(":", 1)[1] for k in external_adapters if k.startswith("expert:")]
+    if given_domains:  # user-supplied experts come first (exp1/exp3's U is the first)
+        cfg["utility_domains"] = given_domains + [d for d in cfg.get("utility_domains", []) if d not in given_domains]
     seeds = [seed + s for s in cfg.get("seeds", [0])]
     out = Path(output_dir)
     cache = Cache(out / "cache")
@@ -68,7 +91,8 @@ def run_model(model_name: str, experiments, *, mode: str, config_path: str | Non
             splits = build_splits(cfg, seed=s, beavertails_path=beavertails_path, mmlu_path=mmlu_path,
                                   benign_path=benign_path)
             wb = Workbench(model, cfg, splits, cache, seed=s, timings=timings,
-                           use_saved_adapters=use_saved_adapters, judge=make_judge(judge))
+                           use_saved_adapters=use_saved_adapters, judge=make_judge(judge),
+                           external_adapters=external_adapters)
             logging.info("%s: seed %d", exp, s)
             per_seed[str(s)] = EXPERIMENTS[exp].run(wb)
         timings.seconds["total"] = round(time.perf_counter() - start, 3)

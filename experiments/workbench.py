@@ -24,6 +24,7 @@ from absl import logging
 from experiments.common import Cache, Timings
 from sst_jax.lora.adapter import LoraAdapter, init_lora
 from sst_jax.lora.algebra import fold
+from sst_jax.lora.check import check_compatible
 from sst_jax.lora.peft_io import CONFIG_NAME, load_peft, save_peft
 from sst_jax.lora.train import TrainConfig, train_lora
 from sst_jax.data import embedded
@@ -125,7 +126,9 @@ def build_splits(cfg: dict, *, seed: int, beavertails_path: str | None = None,
     if mmlu_path:
         train_qs = load_mmlu(mmlu_path, split="dev") if d.get("mmlu_train_split", "dev") else []
         test_qs = load_mmlu(mmlu_path, split="test")
-        domains = tuple(sorted({q.subject for q in test_qs}))
+        subjects = sorted({q.subject for q in test_qs})
+        preferred = [d for d in cfg.get("utility_domains", []) if d in subjects]
+        domains = tuple(preferred + [d for d in subjects if d not in preferred])
         mc_test = {s: tuple(q for q in test_qs if q.subject == s)[:n_te] for s in domains}
         mc_train = {s: tuple(q for q in train_qs if q.subject == s)[:n_tr] for s in domains}
         gen_train = {s: () for s in domains}
@@ -164,7 +167,8 @@ class Workbench:
     """Model + data + caches for one (model, seed)."""
 
     def __init__(self, model: LoadedModel, cfg: dict, splits: Splits, cache: Cache, *,
-                 seed: int, timings: Timings, use_saved_adapters: bool = True, judge=None):
+                 seed: int, timings: Timings, use_saved_adapters: bool = True, judge=None,
+                 external_adapters: Mapping[str, str] | None = None):
         self.model = model
         self.cfg = cfg
         self.splits = splits
@@ -175,6 +179,7 @@ class Workbench:
         self.judge = judge or KeywordRefusalJudge()
         self._adapters: dict[str, LoraAdapter] = {}
         self._fishers: dict[str, Any] = {}
+        self.external_adapters = dict(external_adapters or {})
 
     # ------------------------------------------------------------------ recipes
 
@@ -188,6 +193,12 @@ class Workbench:
     def _train_or_load(self, name: str, recipe: dict, examples) -> LoraAdapter:
         if name in self._adapters:
             return self._adapters[name]
+        if name in self.external_adapters:  # the user's own PEFT adapter: load and check it
+            adapter = load_peft(self.external_adapters[name], name=name)
+            check_compatible(adapter, self.model.config, base_model_name=self.model.name)
+            logging.info("adapter %s: using %s", name, self.external_adapters[name])
+            self._adapters[name] = adapter
+            return adapter
         directory = self.cache.dir_path("adapter", recipe)
         if self.use_saved_adapters and (directory / CONFIG_NAME).exists():
             logging.info("adapter %s: loading cached %s", name, directory)

@@ -60,8 +60,9 @@ def test_aggregates_are_computed_from_the_per_sample_records(runs):
         _check_estimate(ev["metrics"]["over_refusal"], ev["records"]["benign"], "refused")
         _check_estimate(ev["metrics"]["utility"], ev["records"]["utility"], "correct")
         assert all({"prompt", "answer", "response"} <= set(r) for r in ev["records"]["utility"])
-        _check_estimate(ev["metrics"]["utility_mc"], ev["records"]["utility_mc"], "correct")
-        assert all(len(r["choice_loglik"]) == 4 for r in ev["records"]["utility_mc"])
+        if name in ("base", "safety_only", "utility_only"):  # MC utility beside the primary one
+            _check_estimate(ev["metrics"]["utility_mc"], ev["records"]["utility_mc"], "correct")
+            assert all(len(r["choice_loglik"]) == 4 for r in ev["records"]["utility_mc"])
     assert set(exp1["safety_tax"]) == {"task_arithmetic@1", "sst@1"}
     exp3 = first["exp3"]["results"]["0"]
     methods = {r["method"] for r in exp3["rows"]}

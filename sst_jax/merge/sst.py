@@ -137,10 +137,12 @@ def default_k(n: int) -> int:
 
 def project_core(phi: jax.Array, fa: jax.Array, fb: jax.Array, *, damping: float, projector: str = "topk",
                  k: int | None = None, lambda_threshold: float | None = None, energy: float | None = None,
-                 mu: float = 1.0, kind: str = "core") -> tuple[jax.Array, dict]:
+                 mu: float = 1.0, kind: str = "core",
+                 eig: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict]:
     """φ' and stats for one module: GEVP fa v = λ fb_δ v, then top-k or shrinkage on φ.
 
     kind "diagonal": fa, fb are diagonals (n,): λ_j = fa_j / fb_δ,j and v_j = e_j/√fb_δ,j.
+    eig: the GEVP's (eigvals, eigvecs) when already solved (e.g. batched over modules).
     """
     n = int(phi.shape[0])
     if kind == "diagonal":
@@ -153,7 +155,7 @@ def project_core(phi: jax.Array, fa: jax.Array, fb: jax.Array, *, damping: float
         v = jnp.zeros((n, n), jnp.float32).at[order, jnp.arange(n)].set(1.0 / jnp.sqrt(fb_d[order]))
         fb_m = jnp.diag(fb_d)
     else:
-        w, v = generalized_eigh(fa, fb, damping=damping)
+        w, v = generalized_eigh(fa, fb, damping=damping) if eig is None else eig
         fb_m = fb + damping * (jnp.trace(fb) / n) * jnp.eye(n, dtype=fb.dtype)
     c = v.T @ (fb_m @ phi)
     if projector == "topk":
@@ -327,25 +329,48 @@ def sst_multi(inputs: MergeInputs, *, fishers: MultiFishers | None = None, k: in
         raise ValueError("sst_multi needs at least two experts")
     if fishers is None:
         fishers = sst_multi_fishers(inputs, _data(inputs, "experts"), chunk=chunk)
-    factors, stats = {}, {}
+    problems = []  # (key, expert, core space, F_i, Σ_{j≠i} F_j)
     for key in inputs.keys:
-        parts, mstats = [], {}
-        for i, (adapter, w) in enumerate(zip(inputs.utility, inputs.weights)):
-            if key not in adapter:
-                continue
-            s = fsh.core_space(adapter[key])
-            tkey = key + (i,)
-            own = jnp.asarray(fishers.fishers[i][tkey])
-            others = sum(jnp.asarray(fishers.fishers[j][tkey]) for j in range(len(inputs.utility)) if j != i)
-            phi, st = project_core(s.phi, own, others, damping=damping, k=k, lambda_threshold=lambda_threshold,
-                                   energy=energy)
-            parts.append(s.branch(phi.reshape(s.r, s.r), scale=w))
-            mstats[inputs.names[i]] = st
-        factors[key] = tuple(parts)
-        stats[hf_module_path(key)] = {"experts": mstats}
+        for i, adapter in enumerate(inputs.utility):
+            if key in adapter:
+                tkey = key + (i,)
+                own = jnp.asarray(fishers.fishers[i][tkey], jnp.float32)
+                others = sum(jnp.asarray(fishers.fishers[j][tkey], jnp.float32)
+                             for j in range(len(inputs.utility)) if j != i)
+                problems.append((key, i, fsh.core_space(adapter[key]), own, others))
+    eigs = _batched_eigh([(p[3], p[4]) for p in problems], damping)
+    factors = {key: [] for key in inputs.keys}
+    stats = {hf_module_path(key): {"experts": {}} for key in inputs.keys}
+    for (key, i, s, own, others), eig in zip(problems, eigs):
+        phi, st = project_core(s.phi, own, others, damping=damping, k=k, lambda_threshold=lambda_threshold,
+                               energy=energy, eig=eig)
+        factors[key].append(s.branch(phi.reshape(s.r, s.r), scale=inputs.weights[i]))
+        stats[hf_module_path(key)]["experts"][inputs.names[i]] = st
+    factors = {key: tuple(parts) for key, parts in factors.items()}
     hp = dict(k=k, lambda_threshold=lambda_threshold, energy=energy, damping=damping,
               n_samples=list(fishers.n_samples))
     return make_result("sst_multi", inputs, factors=factors, hparams=hp, stats=stats)
+
+
+def _batched_eigh(problems: list[tuple[jax.Array, jax.Array]], damping: float) -> list[tuple[jax.Array, jax.Array]]:
+    """generalized_eigh(fa, fb) of every problem, one batched call per matrix size. If a batch
+    fails its checks, the problems are solved one by one so the error is the unbatched one."""
+    out: list = [None] * len(problems)
+    by_size: dict[int, list[int]] = {}
+    for idx, (fa, _) in enumerate(problems):
+        by_size.setdefault(int(fa.shape[-1]), []).append(idx)
+    for idxs in by_size.values():
+        fa = jnp.stack([problems[i][0] for i in idxs])
+        fb = jnp.stack([problems[i][1] for i in idxs])
+        try:
+            w, v = generalized_eigh(fa, fb, damping=damping)
+        except NumericalError:
+            for i in idxs:
+                generalized_eigh(*problems[i], damping=damping)
+            raise
+        for j, i in enumerate(idxs):
+            out[i] = (w[j], v[j])
+    return out
 
 
 def utility_part(inputs: MergeInputs) -> dict[ModuleKey, LowRank]:

@@ -239,6 +239,9 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
                               utility=utility, chunk=chunk)
     kind = fishers.kind
     util = _utility_parts(inputs, utility)
+    # Safety-space GEVPs of all modules at once (one batched solve per core-space size).
+    core_keys = [key for key in inputs.keys if key in safety] if kind == "core" else []
+    eigs = dict(zip(core_keys, _batched_eigh([_fisher_for(fishers, key, "safety") for key in core_keys], damping)))
     factors, stats = {}, {}
     for key in inputs.keys:
         parts: list[LowRank] = []
@@ -269,7 +272,8 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
             s = fsh.core_space(safety[key])
             fh, fb = _fisher_for(fishers, key, "safety")
             phi, st = project_core(s.phi, fh, fb, damping=damping, projector=projector, k=k,
-                                   lambda_threshold=lambda_threshold, energy=energy, mu=mu, kind=kind)
+                                   lambda_threshold=lambda_threshold, energy=energy, mu=mu, kind=kind,
+                                   eig=eigs.get(key))
             m = phi.reshape(s.r, s.r)
             norm_s, norm_p = float(jnp.linalg.norm(s.sigma)), float(jnp.linalg.norm(m))
             nu = (norm_s / norm_p if norm_p > 0 else 0.0) if norm_matched else 1.0

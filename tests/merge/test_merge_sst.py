@@ -224,3 +224,23 @@ def test_sst_multi_batched_solve_equals_per_module_projection(rng):
             phi, _ = project_core(s.phi, own, others, damping=0.1)
             want = want + np_delta(s.branch(phi.reshape(s.r, s.r), scale=w))
         np.testing.assert_allclose(res.delta(key), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_sst_batched_solve_equals_per_module_projection(rng):
+    """SST over several modules (batched GEVPs) gives each module's unbatched projection."""
+    from sst_jax.merge.sst import project_core
+
+    layers, modules = (0, 1), ("q_proj", "v_proj")
+    u = random_adapter(rng, 3, layers=layers, modules=modules)
+    s = random_adapter(rng, 2, layers=layers, modules=modules)
+    keys = [(l, m) for l in layers for m in modules]
+    planted = {key: _planted(rng) for key in keys}
+    fishers = SstFishers(kind="core", harmful={key: jnp.asarray(p[0], jnp.float32) for key, p in planted.items()},
+                         benign={key: jnp.asarray(p[1], jnp.float32) for key, p in planted.items()},
+                         n_harmful=1, n_benign=1)
+    res = merge("sst", [u], safety=s, alpha=0.7, fishers=fishers, k=2)
+    for key in keys:
+        c = core_space(s[key])
+        phi, _ = project_core(c.phi, fishers.harmful[key], fishers.benign[key], damping=0.1, k=2)
+        want = np_delta(u[key]) + np_delta(c.branch(phi.reshape(c.r, c.r), scale=0.7))
+        np.testing.assert_allclose(res.delta(key), want, rtol=1e-6, atol=1e-6 * np.abs(want).max())

@@ -522,18 +522,15 @@ def deltas_of(branches: Mapping[ModuleKey, Sequence[LowRank]]) -> dict[ModuleKey
 def summarize_merge(result, utilities, weights) -> dict:
     """The merge report, trimmed to what a results file needs, plus ‖ΔW_merged − ΔW_U‖_F:
     the size of the safety patch each method actually added (α is not comparable across
-    methods; this is)."""
+    methods; this is). Norms come from r×r Gram matrices, never a dense ΔW of a factor part."""
+    utility_branches = [(u.to_branches(), w) for u, w in zip(utilities, weights)]
     patch_sq, total_sq = 0.0, 0.0
     for key in result.keys:
-        merged = result.delta(key)
-        utility = None
-        for u, w in zip(utilities, weights):
-            if key in u.factors:
-                d = u.delta(key) * w
-                utility = d if utility is None else utility + d
-        patch = merged if utility is None else merged - utility
-        patch_sq += float((patch ** 2).sum())
-        total_sq += float((merged ** 2).sum())
+        merged = [(lr, 1.0) for lr in result.factors.get(key, ())]
+        minus_u = [(lr, -w) for br, w in utility_branches for lr in br.get(key, ())]
+        dense = result.dense.get(key)
+        total_sq += merge_api.weighted_norm(merged, dense) ** 2
+        patch_sq += merge_api.weighted_norm(merged + minus_u, dense) ** 2
     report = {k: v for k, v in result.report.items() if k != "modules"}
     modules = result.report.get("modules", {})
     kept = [m["k"] for m in modules.values() if isinstance(m, dict) and "k" in m]

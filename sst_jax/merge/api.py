@@ -393,6 +393,13 @@ def _branch_factors(lr: LowRank) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(lr.scale, jnp.float32) * b, jnp.asarray(lr.a, jnp.float32)
 
 
+def weighted_norm(parts: Sequence[tuple[LowRank, float]], dense: jax.Array | None = None) -> float:
+    """‖D + Σ wᵢ·ΔWᵢ‖_F for low-rank ΔWᵢ, exactly, from Gram matrices (no dense ΔWᵢ)."""
+    pairs = [_branch_factors(lr) for lr, _ in parts]
+    us = tuple(u * jnp.float32(w) for (u, _), (_, w) in zip(pairs, parts))
+    return float(_frobenius_norm(us, tuple(v for _, v in pairs), dense))
+
+
 def module_report(result_factors: Mapping[ModuleKey, tuple[LowRank, ...]],
                   dense: Mapping[ModuleKey, jax.Array]) -> dict[str, dict]:
     """Per-module rank (None when dense) and ‖ΔW‖_F (from r×r Gram matrices: no dense ΔW is

@@ -22,8 +22,6 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MODEL_GROUPS = {"all": ("mistral-7b", "llama-3.1-8b", "qwen-2.5-14b")}
-
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "minimal", ["minimal", "full"],
                   "Scale of the run. minimal: small sample counts and N∈{2,4} experts, a "

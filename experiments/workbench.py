@@ -40,7 +40,6 @@ from sst_jax.io_utils import atomic_path
 from sst_jax.merge import fisher_merge as fisher_lib
 from sst_jax.merge import sst as sst_lib
 from sst_jax.models import LoadedModel
-from sst_jax.models.branches import LowRank, ModuleKey
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,7 +376,7 @@ class Workbench:
 
     def evaluate_adapter(self, label: str, adapter: LoraAdapter, **kwargs) -> dict:
         recipe = {"kind": "adapter", "adapter": adapter_hash(adapter)}
-        return self.evaluate(label, recipe, lambda: (adapter.to_branches(), {}), **kwargs)
+        return self.evaluate(label, recipe, lambda: (adapter, {}), **kwargs)
 
     def evaluate_merge(self, method: str, utilities: Sequence[LoraAdapter], weights: Sequence[float],
                        *, safety: LoraAdapter | None, alpha: float, **kwargs) -> dict:
@@ -398,9 +397,8 @@ class Workbench:
                 else:
                     result = merge_api.merge(method, list(utilities), list(weights), safety=safety,
                                              alpha=alpha, key=jax.random.key(self.seed), **extra, **hparams)
-                branches = result.to_branches()
                 report = summarize_merge(result, utilities, weights)
-            return branches, report
+            return result.to_dense(), report
 
         return self.evaluate(f"{method}@{alpha:g}", recipe, build, **kwargs)
 
@@ -409,8 +407,8 @@ class Workbench:
                  nll: bool = True, mc: bool = True) -> dict:
         """Metrics (with n and 95% CIs) and the per-sample records behind them; cached.
 
-        `build()` returns (branches or None, merge report); it runs only on a cache miss, and
-        the branches are folded into the frozen weights for evaluation.
+        `build()` returns (ΔW per module — an adapter or {key: ΔW} — or None, merge report);
+        it runs only on a cache miss, and the ΔW is folded into the frozen weights.
         """
         gcfg = self.cfg["generation"]
         full_recipe = {"model": self.model_id(), "merge": recipe, "domains": list(domains),
@@ -421,9 +419,9 @@ class Workbench:
                        "benign_test": list(self.splits.benign_test) if over_refusal else None}
 
         def compute():
-            branches, report = build() if build is not None else (None, {})
+            deltas, report = build() if build is not None else (None, {})
             with self.timings("evaluate"):
-                out = self._evaluate(label, branches, domains, refusal, over_refusal, nll, mc)
+                out = self._evaluate(label, deltas, domains, refusal, over_refusal, nll, mc)
             out["merge_report"] = report
             return out
 
@@ -440,10 +438,8 @@ class Workbench:
     def available_utility(self) -> tuple[str, ...]:
         return ("mc", "generative") if any(self.splits.gen_test.values()) else ("mc",)
 
-    def _evaluate(self, label, branches, domains, refusal, over_refusal, nll, mc) -> dict:
-        params = self.model.params
-        if branches:
-            params = fold(params, deltas_of(branches), self.model.config)
+    def _evaluate(self, label, deltas, domains, refusal, over_refusal, nll, mc) -> dict:
+        params = self.model.params if deltas is None else fold(self.model.params, deltas, self.model.config)
         metrics: dict[str, Any] = {}
         records: dict[str, Any] = {}
         s = self.splits
@@ -506,17 +502,6 @@ def hash_int(obj: Any) -> int:
     from sst_jax.io_utils import stable_hash
 
     return int(stable_hash(obj, length=8), 16)
-
-
-def deltas_of(branches: Mapping[ModuleKey, Sequence[LowRank]]) -> dict[ModuleKey, Any]:
-    """Dense ΔW per module of a branch pytree (for folding)."""
-    out = {}
-    for key, items in branches.items():
-        total = None
-        for lr in items:
-            total = lr.delta() if total is None else total + lr.delta()
-        out[key] = total
-    return out
 
 
 def summarize_merge(result, utilities, weights) -> dict:

@@ -30,3 +30,16 @@ def smollm2_model():
     from sst_jax.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_gguf():
+    """transformers' own float32 load of the same SmolLM2 GGUF (the reference; ≈ 50 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sst_jax.models import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()

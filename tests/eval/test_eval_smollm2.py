@@ -1,6 +1,5 @@
 """The evaluation on the real default model, SmolLM2-135M-Instruct (slow: ~1-3 min on CPU)."""
 
-import os
 
 import numpy as np
 import pytest
@@ -13,16 +12,12 @@ from sst_jax.eval.safety import evaluate_refusal
 
 
 @pytest.mark.slow
-def test_smollm2_mc_logliks_match_transformers_gguf(smollm2_model):
+def test_smollm2_mc_logliks_match_transformers_gguf(smollm2_model, hf_smollm2_gguf):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from sst_jax.models import smollm2_gguf_path
 
     m = smollm2_model
-    path = smollm2_gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
+    hf = hf_smollm2_gguf
     qs = utility_mc("capitals", "test", 2) + utility_mc("addition", "test", 2)
     ours = np.asarray([r.loglik for r in evaluate_mc(m, m.params, qs, batch_size=4,
                                                      progress=False).records])

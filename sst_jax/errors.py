@@ -23,3 +23,19 @@ class NumericalError(SstJaxError):
 
 class DatasetError(SstJaxError):
     """A dataset is missing, has the wrong schema, or needs a network we do not have."""
+
+
+class HyperParameterError(SstJaxError, ValueError):
+    """An unknown merge method, an unknown hyper-parameter name or a value of the wrong type."""
+
+
+class TokenizerError(CheckpointError):
+    """A checkpoint's tokenizer is missing or broken (e.g. it encodes every text to [])."""
+
+
+class PermissionDeniedError(SstJaxError):
+    """A file or folder exists but this process is not allowed to read or write it."""
+
+
+class OutputError(SstJaxError):
+    """An output folder or file cannot be written safely (e.g. it would replace unrelated files)."""

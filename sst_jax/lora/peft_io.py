@@ -3,6 +3,12 @@
 Tensor keys are PEFT's: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`.
 PEFT features that change the maths beyond s·B·A (DoRA, lora_bias, trained biases,
 modules_to_save, fan_in_fan_out, …) are refused with a message, never silently dropped.
+
+`save_peft(..., base_config=cfg)` adds one extra key to adapter_config.json,
+`sst_jax_base_fingerprint` (see `sst_jax.lora.check`); PEFT ignores keys it does not know, so
+such a folder still loads with `PeftConfig` / `PeftModel.from_pretrained`. Folders are written
+with `sst_jax.io_utils.atomic_directory` (complete new folder beside the old, then swapped in);
+`load_peft` first repairs what an interrupted swap left (`recover_directory`).
 """
 
 from __future__ import annotations
@@ -10,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +25,10 @@ from absl import logging
 from safetensors.numpy import load_file, save_file
 
 from sst_jax.errors import AdapterError
+from sst_jax.io_utils import atomic_directory, ensure_readable, pause_point, permission_denied, recover_directory
 from sst_jax.lora.adapter import AdapterMeta, LoraAdapter, LoraFactors, _freeze_pattern
+from sst_jax.lora.check import FINGERPRINT_FIELDS, FINGERPRINT_KEY, adapter_fingerprint, base_fingerprint, \
+    with_fingerprint
 from sst_jax.models.branches import MODULE_NAMES, ModuleKey, hf_module_path, parse_module_path
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,10 +55,14 @@ def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"missing {path}: a PEFT adapter directory needs {CONFIG_NAME} next to {WEIGHTS_NAME}")
+    ensure_readable(path, "adapter config")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as err:
+        raise permission_denied(path, "adapter config") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{path} is not valid JSON ({err})") from err
+        raise AdapterError(f"{path} is not valid JSON ({err}); the file is corrupt or truncated: "
+                           "re-save the adapter") from err
     if not isinstance(config, dict):
         raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
     peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -62,14 +73,48 @@ def _read_config(directory: Path) -> dict[str, Any]:
             raise AdapterError(f"{path}: {field}={config[field]!r} is not supported: {advice}")
     targets = config.get("target_modules")
     if isinstance(targets, list):
+        if not all(isinstance(t, str) for t in targets):
+            raise AdapterError(f"{path}: target_modules must be a list of module names or a regex string, "
+                               f"got {targets!r}")
         unknown = [t for t in targets if t.split(".")[-1] not in MODULE_NAMES]
         if unknown:
             raise AdapterError(f"{path}: target_modules {unknown} are not decoder linear layers "
                                f"{list(MODULE_NAMES)}; sst-jax cannot apply LoRA there. Retrain "
                                "without them or merge them into the base model with PEFT first")
+    elif targets is not None and not isinstance(targets, str):
+        raise AdapterError(f"{path}: target_modules must be a list of module names or a regex string, "
+                           f"got {type(targets).__name__} {targets!r}")
     for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), (int, float)) or config[field] <= 0:
-            raise AdapterError(f"{path}: {field} must be a positive number, got {config.get(field)!r}")
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise AdapterError(f"{path}: {field} must be a positive number, got {value!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(field)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in pattern.values()):
+            raise AdapterError(f"{path}: {field} must map module patterns to positive numbers, got {pattern!r}")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+            (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
+            or (isinstance(layers, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in layers))):
+        raise AdapterError(f"{path}: layers_to_transform must be a layer index or a list of them, got {layers!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise AdapterError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{path}: base_model_name_or_path must be a string, got {base!r}")
+    fp = config.get(FINGERPRINT_KEY)
+    if fp is not None:
+        ok = isinstance(fp, dict) and isinstance(fp.get("family", ""), str) and all(
+            isinstance(fp[k], int) and not isinstance(fp[k], bool) and fp[k] > 0
+            for k in FINGERPRINT_FIELDS if k != "family" and k in fp)
+        if not ok:
+            raise AdapterError(f"{path}: {FINGERPRINT_KEY} must be an object of positive integers "
+                               f"({', '.join(FINGERPRINT_FIELDS[1:])}) and a family name, got {fp!r}; "
+                               "remove the key or re-save the adapter")
     return config
 
 
@@ -82,8 +127,11 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
                 "(unsafe). Re-save it with PEFT: PeftModel.from_pretrained(base, dir)"
                 ".save_pretrained(out, safe_serialization=True)")
         raise AdapterError(f"missing {path}")
+    ensure_readable(path, "adapter weights")
     try:
         return load_file(str(path))
+    except PermissionError as err:
+        raise permission_denied(path, "adapter weights") from err
     except Exception as err:  # safetensors raises its own error types for bad headers/lengths
         raise AdapterError(f"{path} is not a readable safetensors file ({err}); "
                            "the file is corrupt or truncated: re-save the adapter") from err
@@ -92,6 +140,7 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
 def load_peft(directory: str | os.PathLike, *, name: str | None = None) -> LoraAdapter:
     """Reads a PEFT LoRA directory into a LoraAdapter (factors keep the stored dtype)."""
     directory = Path(directory)
+    recover_directory(directory)  # an interrupted save_peft of this folder is repaired first
     if not directory.is_dir():
         raise AdapterError(f"adapter directory {directory} does not exist")
     config = _read_config(directory)
@@ -127,6 +176,7 @@ def load_peft(directory: str | os.PathLike, *, name: str | None = None) -> LoraA
         name=name or directory.name,
         layers=_layers(config.get("layers_to_transform")),
     )
+    meta = with_fingerprint(meta, config.get(FINGERPRINT_KEY))
     factors = {}
     for mkey, pair in sorted(pairs.items()):
         path = hf_module_path(mkey)
@@ -137,6 +187,9 @@ def load_peft(directory: str | os.PathLike, *, name: str | None = None) -> LoraA
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise AdapterError(f"{wpath}: {path} has lora_A {a.shape} and lora_B {b.shape}; "
                                "expected (r, in) and (out, r)")
+        if a.dtype.kind in "biuc" or b.dtype.kind in "biuc":
+            raise AdapterError(f"{wpath}: {path} has lora_A of dtype {a.dtype} and lora_B of dtype "
+                               f"{b.dtype}; LoRA factors must be floating point")
         expected = meta.rank_for(mkey)
         if a.shape[0] != expected:
             raise AdapterError(f"{wpath}: {path} has rank {a.shape[0]} but {CONFIG_NAME} says "
@@ -196,33 +249,37 @@ def peft_config_dict(adapter: LoraAdapter) -> dict[str, Any]:
 
 
 def write_dir_atomically(directory: Path, *writers: Callable[[Path], Any]) -> None:
-    """Writes every file into a temporary directory beside `directory`, then renames into place.
+    """Writes a whole folder with `atomic_directory`: every writer fills a new folder beside
+    `directory`, which then replaces it in one swap.
 
-    Each writer gets the temporary directory. A failure in any writer leaves `directory`
-    untouched (no partial adapter or model).
+    A failure (or a kill) in any writer leaves `directory` as it was; see
+    `sst_jax.io_utils` for the swap and how an interrupted one is recovered. An existing
+    folder that is not an earlier output of the same kind is refused (OutputError).
     """
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        for write in writers:
+    with atomic_directory(Path(directory)) as tmp:
+        for i, write in enumerate(writers):
             write(tmp)
-        if not directory.exists():
-            os.replace(tmp, directory)
-        else:
-            for fname in sorted(p.name for p in tmp.iterdir()):
-                os.replace(tmp / fname, directory / fname)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            pause_point(f"after-writer-{i}")
 
 
-def save_peft(adapter: LoraAdapter, directory: str | os.PathLike) -> Path:
+def save_peft(adapter: LoraAdapter, directory: str | os.PathLike, *, base_config=None,
+              base_hub_id: str | None = None) -> Path:
     """Writes `adapter` as a PEFT directory; validated first, then written atomically.
 
-    Files go to a temporary directory beside `directory` and are renamed into place, so a
-    failure leaves either the old files or the new ones, never a half-written adapter.
+    The folder is written completely beside `directory` and swapped in, so a failure or a
+    kill leaves either the old folder or the new one, never a half-written adapter.
+    `base_config` (the base model's DecoderConfig) records the base's architecture
+    fingerprint under `sst_jax_base_fingerprint` (checked on use by `check_compatible`); an
+    adapter loaded with a fingerprint keeps it when re-saved.
     """
     directory = Path(directory)
+    if base_config is not None:
+        from sst_jax.lora.check import check_compatible
+
+        check_compatible(adapter, base_config)
+        fingerprint = base_fingerprint(base_config, hub_id=base_hub_id or adapter.meta.base_model)
+    else:
+        fingerprint = adapter_fingerprint(adapter)
     tensors: dict[str, np.ndarray] = {}
     for mkey, f in adapter.factors.items():
         path = hf_module_path(mkey)
@@ -239,6 +296,8 @@ def save_peft(adapter: LoraAdapter, directory: str | os.PathLike) -> Path:
         tensors[f"base_model.model.{path}.lora_A.weight"] = np.ascontiguousarray(a)
         tensors[f"base_model.model.{path}.lora_B.weight"] = np.ascontiguousarray(b)
     config = peft_config_dict(adapter)
+    if fingerprint is not None:
+        config[FINGERPRINT_KEY] = fingerprint
 
     write_dir_atomically(
         directory,

@@ -10,11 +10,18 @@ from typing import Any
 import jax
 from absl import logging
 
-from sst_jax.errors import CheckpointError
+from sst_jax.errors import CheckpointError, SstJaxError
+from sst_jax.io_utils import ensure_readable, permission_denied, recover_directory
 from sst_jax.models.checkpoint import load_gguf, load_safetensors, safetensors_files
 from sst_jax.models.config import DecoderConfig
 from sst_jax.models.llama import Params, init_params
-from sst_jax.models.tokenizer import gguf_tokenizer, tiny_tokenizer
+from sst_jax.models.tokenizer import check_tokenizer, gguf_tokenizer, tiny_tokenizer
+
+# config.json fields DecoderConfig.from_hf reads, and what each must be (checked before use,
+# so a wrong type is named instead of failing deep inside as a TypeError).
+_HF_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_HF_OPTIONAL_INT_FIELDS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_HF_FLOAT_FIELDS = ("rms_norm_eps",)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_PRESETS = {
@@ -77,35 +84,97 @@ def load_gguf_model(path: str, *, dtype: str = "float32", name: str | None = Non
     return LoadedModel(_with_token_ids(config, tok), params, tok, name or os.path.basename(path), path)
 
 
+def _check_hf_fields(hf, cfg_file: str) -> None:
+    def bad(field, want, value):
+        return CheckpointError(f"{cfg_file}: {field} must be {want}, got {type(value).__name__} {value!r}; "
+                               "fix config.json (copy it from the model's hub repo)")
+
+    for field in _HF_INT_FIELDS + _HF_OPTIONAL_INT_FIELDS:
+        value = getattr(hf, field, None)
+        if value is None and field in _HF_OPTIONAL_INT_FIELDS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise bad(field, "a positive integer", value)
+    for field in _HF_FLOAT_FIELDS:
+        value = getattr(hf, field, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise bad(field, "a positive number", value)
+
+
+def _read_json(path: str, what: str) -> Any:
+    import json
+
+    ensure_readable(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except PermissionError as e:
+        raise permission_denied(path, what) from e
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {e}); the file is corrupt or "
+                              "truncated: copy it again from the model's hub repo") from e
+
+
 def load_hf_dir(directory: str, *, dtype: str = "float32", name: str | None = None) -> LoadedModel:
-    """An HF checkpoint directory: config.json + safetensors (+ tokenizer files)."""
+    """An HF checkpoint directory: config.json + safetensors + tokenizer files.
+
+    Every file is checked before any weights are read: config.json (readable, valid JSON, the
+    fields the decoder needs with the right types) and the tokenizer (it must round-trip a short
+    text: a folder without tokenizer files otherwise gives a tokenizer that encodes to []).
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     cfg_file = os.path.join(directory, "config.json")
     if not os.path.isfile(cfg_file):
         raise CheckpointError(f"{directory}: no config.json (not an HF checkpoint directory)")
+    raw = _read_json(cfg_file, "model config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: must hold a JSON object, got {type(raw).__name__}")
+    if "model_type" not in raw:
+        raise CheckpointError(f"{cfg_file}: no 'model_type' (fields present: {', '.join(sorted(raw)[:12])}); "
+                              "this is not a transformers model config")
     try:
         hf = AutoConfig.from_pretrained(directory)
-    except (ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"{cfg_file}: cannot read config ({e})") from e
-    config = DecoderConfig.from_hf(hf, dtype=dtype, source=cfg_file)
-    params = load_safetensors(config, safetensors_files(directory))
+    except Exception as e:  # transformers/huggingface_hub raise many types (incl. strict validation)
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{cfg_file}: cannot read config ({type(e).__name__}: {detail}); fix config.json "
+                              "(copy it from the model's hub repo)") from e
+    _check_hf_fields(hf, cfg_file)
+    try:
+        config = DecoderConfig.from_hf(hf, dtype=dtype, source=cfg_file)
+    except SstJaxError:
+        raise
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{cfg_file}: config does not describe a supported decoder "
+                              f"({type(e).__name__}: {e})") from e
+    files = safetensors_files(directory)
+    for file in files:
+        ensure_readable(file, "safetensors file")
+    for fname in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                  "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(directory, fname)):
+            ensure_readable(os.path.join(directory, fname), "tokenizer file")
     try:
         tok = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{directory}: no usable tokenizer files ({e})") from e
+    except Exception as e:  # OSError, ValueError, JSON and tokenizers' own errors
+        raise CheckpointError(f"{directory}: no usable tokenizer files ({type(e).__name__}: {e}); copy "
+                              "tokenizer.json and tokenizer_config.json of the base model into the folder") from e
+    check_tokenizer(tok, directory, directory=directory)
+    eos = None
+    gen_cfg = os.path.join(directory, "generation_config.json")
+    if os.path.isfile(gen_cfg):
+        gen = _read_json(gen_cfg, "generation config")
+        eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
+        extra = eos if isinstance(eos, list) else [eos]
+        if eos is not None and not all(isinstance(e, int) and not isinstance(e, bool) for e in extra):
+            raise CheckpointError(f"{gen_cfg}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+    params = load_safetensors(config, files)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    gen_cfg = os.path.join(directory, "generation_config.json")
-    if os.path.isfile(gen_cfg):
-        import json
-
-        with open(gen_cfg) as f:
-            eos = json.load(f).get("eos_token_id")
-        if eos is not None:
-            extra = eos if isinstance(eos, list) else [eos]
-            config = config.replace(eos_token_ids=tuple(sorted(set(config.eos_token_ids) | set(extra))))
+    if eos is not None:
+        extra = eos if isinstance(eos, list) else [eos]
+        config = config.replace(eos_token_ids=tuple(sorted(set(config.eos_token_ids) | set(extra))))
     return LoadedModel(_with_token_ids(config, tok), params, tok, name or os.path.basename(directory.rstrip("/")),
                        directory)
 
@@ -136,6 +205,8 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0, **ti
         raise ValueError(f"config overrides {sorted(tiny_overrides)} apply to the 'tiny' preset only")
     if name_or_path == "tiny":
         return load_tiny(seed=seed, dtype=dtype, **tiny_overrides)
+    if name_or_path not in PRESETS and not os.path.exists(name_or_path):
+        recover_directory(name_or_path)  # an export interrupted between its two renames
     if name_or_path == "smollm2-135m":
         return load_gguf_model(smollm2_gguf_path(), dtype=dtype, name="smollm2-135m")
     if name_or_path in HUB_PRESETS:

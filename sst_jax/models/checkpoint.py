@@ -18,6 +18,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from sst_jax.errors import CheckpointError
+from sst_jax.io_utils import ensure_readable, permission_denied
 from sst_jax.models.config import DecoderConfig
 from sst_jax.models.llama import Params, param_shapes
 
@@ -137,11 +138,17 @@ def safetensors_files(directory: str) -> list[str]:
     """The weight files of an HF checkpoint dir: sharded index, or model.safetensors."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
+        ensure_readable(index, "safetensors index")
         try:
-            with open(index) as f:
+            with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        except PermissionError as e:
+            raise permission_denied(index, "safetensors index") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); it needs "
+                                  "{\"weight_map\": {tensor name: shard file}}. Re-save it") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
         paths = [os.path.join(directory, f) for f in files]
         for p in paths:
@@ -162,15 +169,27 @@ def load_safetensors(config: DecoderConfig, files: list[str]) -> Params:
 
     def items():
         for file in files:
+            ensure_readable(file, "safetensors file")
             try:
                 handle = safe_open(file, framework="flax")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+            except PermissionError as e:
+                raise permission_denied(file, "safetensors file") from e
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the file is corrupt "
+                                      "or truncated: download or save it again") from e
             with handle as f:
                 for key in f.keys():
                     if _HF_IGNORED.fullmatch(key):
                         continue
-                    yield file, key, map_key(key, _HF_TABLE), (lambda f=f, key=key: f.get_tensor(key))
+                    load = lambda f=f, key=key, file=file: _get_tensor(f, key, file)  # noqa: E731
+                    yield file, key, map_key(key, _HF_TABLE), load
+
+    def _get_tensor(f, key, file):
+        try:
+            return f.get_tensor(key)
+        except Exception as e:  # safetensors / the array backend on a corrupt tensor
+            raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({type(e).__name__}: {e}); "
+                                  "the file is corrupt or truncated: download or save it again") from e
 
     logging.info("loading %d safetensors file(s) from %s", len(files), os.path.dirname(files[0]))
     source = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} shards)"
@@ -199,24 +218,47 @@ def gguf_dequantize(tensor, file: str) -> np.ndarray:
     return np.asarray(data, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
-def _gguf_field(reader, key: str, file: str, default: Any = None):
+def _gguf_field(reader, key: str, file: str, default: Any = None, kind: type | None = None):
     field = reader.fields.get(key)
     if field is None:
         if default is None:
-            raise CheckpointError(f"{file}: GGUF metadata key {key!r} is missing")
+            raise CheckpointError(f"{file}: GGUF metadata key {key!r} is missing; the file was not written "
+                                  "by a llama.cpp converter for a llama/qwen2 model")
         return default
-    return field.contents()
+    try:
+        value = field.contents()
+    except Exception as e:  # gguf's parser on a malformed field
+        raise CheckpointError(f"{file}: GGUF metadata key {key!r} cannot be read ({type(e).__name__}: {e})") from e
+    if kind is not None:
+        ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+              if kind in (int, float) else isinstance(value, kind))
+        if kind is int and ok and float(value) != int(value):
+            ok = False
+        if not ok:
+            want = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise CheckpointError(f"{file}: GGUF metadata key {key!r} must be {want}, got {type(value).__name__} "
+                                  f"{value!r}; the file is not a valid model GGUF")
+        value = kind(value)
+    return value
 
 
 def gguf_config(reader, file: str, *, dtype: str = "float32") -> DecoderConfig:
     arch = _gguf_field(reader, "general.architecture", file)
     if arch not in ("llama", "qwen2"):
         raise CheckpointError(f"{file}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
-    g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", file, d)  # noqa: E731
+    g = lambda k, d=None, kind=int: _gguf_field(reader, f"{arch}.{k}", file, d, kind)  # noqa: E731
     names = {t.name for t in reader.tensors}
-    n_heads = int(g("attention.head_count"))
-    d_model = int(g("embedding_length"))
-    vocab = g("vocab_size", 0) or len(reader.fields["tokenizer.ggml.tokens"].data)
+    n_heads = g("attention.head_count")
+    d_model = g("embedding_length")
+    vocab = g("vocab_size", 0)
+    if not vocab:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise CheckpointError(f"{file}: GGUF has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+        vocab = len(tokens.data)
+    for key, value in (("attention.head_count", n_heads), ("embedding_length", d_model)):
+        if value <= 0:
+            raise CheckpointError(f"{file}: GGUF metadata {arch}.{key} = {value} must be positive")
     if "rope_freqs.weight" in names or reader.fields.get(f"{arch}.rope.scaling.type") is not None:
         raise CheckpointError(f"{file}: GGUF RoPE scaling (rope_freqs / rope.scaling) is not supported; "
                               "load the HF safetensors checkpoint instead")
@@ -224,11 +266,11 @@ def gguf_config(reader, file: str, *, dtype: str = "float32") -> DecoderConfig:
     pad = reader.fields.get("tokenizer.ggml.padding_token_id")
     eos_ids = (int(eos.contents()),) if eos is not None else ()
     return DecoderConfig(
-        vocab_size=int(vocab), d_model=d_model, n_layers=int(g("block_count")), n_heads=n_heads,
-        n_kv_heads=int(g("attention.head_count_kv", n_heads)), d_ff=int(g("feed_forward_length")),
-        head_dim=int(g("rope.dimension_count", d_model // n_heads)), architecture=arch,
-        rms_eps=float(g("attention.layer_norm_rms_epsilon")), rope_theta=float(g("rope.freq_base", 10000.0)),
-        max_position_embeddings=int(g("context_length", 4096)),
+        vocab_size=int(vocab), d_model=d_model, n_layers=g("block_count"), n_heads=n_heads,
+        n_kv_heads=g("attention.head_count_kv", n_heads), d_ff=g("feed_forward_length"),
+        head_dim=g("rope.dimension_count", d_model // n_heads), architecture=arch,
+        rms_eps=g("attention.layer_norm_rms_epsilon", kind=float), rope_theta=g("rope.freq_base", 10000.0, float),
+        max_position_embeddings=g("context_length", 4096),
         bias_modules=tuple(hf for gg, hf in _GGUF_MODULES.items() if f"blk.0.{gg}.bias" in names),
         tie_word_embeddings="output.weight" not in names, dtype=dtype, eos_token_ids=eos_ids,
         pad_token_id=int(pad.contents()) if pad is not None else (eos_ids[0] if eos_ids else 0))
@@ -240,15 +282,25 @@ def load_gguf(file: str, *, dtype: str = "float32") -> tuple[DecoderConfig, Para
 
     if not os.path.isfile(file):
         raise CheckpointError(f"{file}: GGUF file not found")
+    ensure_readable(file, "GGUF file")
     try:
         reader = GGUFReader(file)
+    except PermissionError as e:
+        raise permission_denied(file, "GGUF file") from e
     except Exception as e:  # gguf raises ValueError/struct.error/... on foreign files
-        raise CheckpointError(f"{file}: not a GGUF file ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{file}: not a GGUF file ({type(e).__name__}: {e}); the file is corrupt, "
+                              "truncated or another format") from e
     config = gguf_config(reader, file, dtype=dtype)
     permute = config.architecture == "llama"
 
     def load(t, path):
-        w = gguf_dequantize(t, file)
+        try:
+            w = gguf_dequantize(t, file)
+        except CheckpointError:
+            raise
+        except Exception as e:  # truncated data / bad block layout inside gguf or numpy
+            raise CheckpointError(f"{file}: tensor {t.name!r} cannot be read ({type(e).__name__}: {e}); "
+                                  "the file is corrupt or truncated") from e
         if permute and path[-2:] in (("q_proj", "weight"), ("k_proj", "weight")):
             w = unpermute_qk(w, config.n_heads if path[-2] == "q_proj" else config.n_kv_heads)
         return w

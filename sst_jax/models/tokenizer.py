@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 
-from sst_jax.errors import CheckpointError
+from sst_jax.errors import CheckpointError, TokenizerError
 
 # ChatML, the format SmolLM2 and Qwen2 use.
 CHATML_TEMPLATE = (
@@ -73,9 +73,61 @@ def gguf_tokenizer(path: str):
         tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
     except Exception as e:  # transformers raises many types here; name the file
         raise CheckpointError(f"{path}: cannot build a tokenizer from GGUF metadata: {e}") from e
+    check_tokenizer(tok, path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     if getattr(tok, "chat_template", None) is None:
         tok.chat_template = CHATML_TEMPLATE
     return tok
+
+
+PROBE_TEXT = "Hello, world. 123"
+# Files an HF folder's tokenizer is built from: the fast tokenizer, its config, and the
+# vocabularies of the slow ones (BPE vocab.json + merges.txt, SentencePiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+VOCAB_FILES = (("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",))
+
+
+def missing_tokenizer_files(directory: str) -> list[str]:
+    """Tokenizer files `directory` lacks (empty when a usable set is present)."""
+    missing = [f for f in TOKENIZER_FILES if not os.path.isfile(os.path.join(directory, f))]
+    has_vocab = os.path.isfile(os.path.join(directory, "tokenizer.json")) or any(
+        all(os.path.isfile(os.path.join(directory, f)) for f in group) for group in VOCAB_FILES)
+    if not has_vocab:
+        missing.append("a vocabulary (" + " or ".join("+".join(g) for g in VOCAB_FILES) + ")")
+    return missing
+
+
+def check_tokenizer(tok, where: str, *, directory: str | None = None) -> None:
+    """Raises TokenizerError unless `tok` round-trips a short text (≥ 2 tokens, decodes back).
+
+    `AutoTokenizer` happily builds an empty (1-token) tokenizer for a folder without tokenizer
+    files, which then encodes every text to []; training and evaluation would run on nothing.
+    """
+    try:
+        ids = list(tok.encode(PROBE_TEXT, add_special_tokens=False))
+        back = tok.decode(ids, skip_special_tokens=True)
+    except Exception as e:  # a broken tokenizer can fail in many ways; name where it came from
+        ids, back, failure = [], "", f"fails on a test text ({type(e).__name__}: {e})"
+    else:
+        failure = None
+        if len(ids) < 2:
+            failure = (f"encodes {PROBE_TEXT!r} to {ids} ({len(ids)} token{'s' * (len(ids) != 1)}; "
+                       f"vocabulary of {len(tok)})")
+        elif "".join(back.split()) != "".join(PROBE_TEXT.split()):
+            failure = f"encodes {PROBE_TEXT!r} and decodes it back as {back!r}"
+    if failure is None:
+        return
+    if directory is not None:
+        missing = missing_tokenizer_files(directory)
+        lacks = (f"the folder lacks {', '.join(missing)}" if missing
+                 else "its tokenizer files are present but do not describe a working tokenizer")
+        raise TokenizerError(
+            f"{directory}: the tokenizer loaded from this folder {failure}: {lacks}. Copy the tokenizer "
+            "files (tokenizer.json, tokenizer_config.json, and the vocabulary files) of the base model "
+            "into the folder, e.g. `huggingface-cli download <hub id> tokenizer.json tokenizer_config.json "
+            f"--local-dir {directory}`")
+    raise TokenizerError(f"{where}: the tokenizer built from this file {failure}; the file's tokenizer "
+                         "metadata is missing or broken. Use a GGUF converted with its tokenizer, or the "
+                         "HF folder of the model")

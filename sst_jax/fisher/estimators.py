@@ -161,10 +161,8 @@ class CoreSpace:
 
     def coords(self, lr: LowRank) -> jax.Array:
         """Pᵀ ΔW Q (r, r) of another low-rank ΔW, without forming ΔW."""
-        b = jnp.asarray(lr.b, jnp.float32)
-        if lr.core is not None:
-            b = b @ jnp.asarray(lr.core, jnp.float32)
-        return jnp.asarray(lr.scale, jnp.float32) * (self.p.T @ b) @ (jnp.asarray(lr.a, jnp.float32) @ self.q)
+        u, v = lr.factors()
+        return (self.p.T @ u) @ (v @ self.q)
 
 
 @jax.jit

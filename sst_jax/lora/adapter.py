@@ -186,11 +186,7 @@ def from_low_rank(deltas: Mapping[ModuleKey, LowRank], *, base_model: str | None
     factors, rank_pattern, alpha_pattern = {}, [], []
     for key in sorted(deltas):
         lr = deltas[key]
-        b = jnp.asarray(lr.b, jnp.float32)
-        if lr.core is not None:
-            b = b @ jnp.asarray(lr.core, jnp.float32)
-        b = b * jnp.asarray(lr.scale, jnp.float32)
-        a = jnp.asarray(lr.a, jnp.float32)
+        b, a = lr.factors()
         factors[key] = LoraFactors(a=a.astype(dtype), b=b.astype(dtype))
         path = hf_module_path(key)
         rank_pattern.append((path, int(a.shape[0])))

@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from sst_jax.errors import AdapterError, AdapterMismatchError
 from sst_jax.lora.adapter import LoraAdapter, module_shapes
 from sst_jax.lora.peft_io import write_dir_atomically
-from sst_jax.models.branches import LowRank, ModuleKey, hf_module_path
+from sst_jax.models.branches import LowRank, ModuleKey, concat_lowrank, hf_module_path
 
 LowRankDict = Mapping[ModuleKey, LowRank]
 AdapterLike = Union[LoraAdapter, LowRankDict]
@@ -45,14 +45,6 @@ def as_low_rank(adapter: AdapterLike) -> dict[ModuleKey, LowRank]:
     return out
 
 
-def _scaled_b(lr: LowRank) -> jax.Array:
-    """s·B·C as one (out, r_in) matrix in float32."""
-    b = jnp.asarray(lr.b, jnp.float32)
-    if lr.core is not None:
-        b = b @ jnp.asarray(lr.core, jnp.float32)
-    return b * jnp.asarray(lr.scale, jnp.float32)
-
-
 def weighted_sum(adapters: Sequence[AdapterLike], weights: Sequence[float] | jax.Array) -> dict[ModuleKey, LowRank]:
     """Σᵢ wᵢ ΔWᵢ per module, exactly, as LowRank(a=[A₁;…;Aₙ], b=[w₁s₁B₁ … wₙsₙBₙ], scale=1).
 
@@ -73,9 +65,7 @@ def weighted_sum(adapters: Sequence[AdapterLike], weights: Sequence[float] | jax
             raise AdapterMismatchError(f"{hf_module_path(key)}: adapters disagree on the shape "
                                        f"(in {sorted(in_dims)}, out {sorted(out_dims)}); "
                                        "were they trained on different base models?")
-        a = jnp.concatenate([jnp.asarray(lr.a, jnp.float32) for _, lr in parts], axis=0)
-        b = jnp.concatenate([jnp.asarray(w, jnp.float32) * _scaled_b(lr) for w, lr in parts], axis=1)
-        out[key] = LowRank(a=a, b=b, scale=1.0)
+        out[key] = concat_lowrank([(lr, w) for w, lr in parts])
     return out
 
 
@@ -109,15 +99,6 @@ def svd_truncate(delta: jax.Array, rank: int) -> tuple[LowRank, jax.Array]:
     total = jnp.sum(s**2)
     err = jnp.where(total > 0, jnp.sqrt(jnp.sum(s[k:] ** 2) / jnp.where(total > 0, total, 1.0)), 0.0)
     return low, err
-
-
-def truncate_all(deltas: DeltaLike, rank: int) -> tuple[dict[ModuleKey, LowRank], dict[ModuleKey, float]]:
-    """svd_truncate for every module: ({key: LowRank}, {key: relative error})."""
-    lows, errs = {}, {}
-    for key, d in dense_deltas(deltas).items():
-        lows[key], err = svd_truncate(d, rank)
-        errs[key] = float(err)
-    return lows, errs
 
 
 def fold(params: Any, deltas: DeltaLike, config) -> Any:

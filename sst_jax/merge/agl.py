@@ -18,23 +18,28 @@ import numpy as np
 
 from sst_jax.fisher import core_space
 from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
-from sst_jax.merge.sst import SstFishers, _data, _require_safety, _utility_parts, default_k, sst_fishers
+from sst_jax.merge.sst import SstFishers, default_k, require_safety, sst_fishers, training_data, utility_parts
 from sst_jax.models.branches import LowRank, hf_module_path
 
 
-@register("agl", exact=True, data_aware=True)
+def agl_statistics(inputs: MergeInputs, data, *, chunk: int = 8) -> SstFishers:
+    """The front door's hook: core-space Fishers on data["harmful"] (F_b is computed too, unused)."""
+    return sst_fishers(inputs, data["harmful"], data["benign"], chunk=chunk)
+
+
+@register("agl", exact=True, data_aware=True, needs=("safety", "harmful", "benign"), statistics=agl_statistics)
 def agl(inputs: MergeInputs, *, fishers: SstFishers | None = None, beta: float = 1.0, k: int | None = None,
         utility: MergeResult | None = None, chunk: int = 8) -> MergeResult:
     """AlignGuard-LoRA-style merge. Defaults: beta 1.0, k = ⌈r²/2⌉ (as SST), chunk 8. Needs fishers= (only .harmful is used, kind "core")
     or model= and data={"harmful": ..., "benign": ...}. utility: as in `sst` (default Σ wᵢΔW_Uᵢ)."""
-    safety = _require_safety(inputs, "agl")
+    safety = require_safety(inputs, "agl")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"agl: avoidance strength beta must be in [0, 1], got {beta}")
     if fishers is None:
-        fishers = sst_fishers(inputs, _data(inputs, "harmful"), _data(inputs, "benign"), utility=utility, chunk=chunk)
+        fishers = sst_fishers(inputs, training_data(inputs, "harmful"), training_data(inputs, "benign"), utility=utility, chunk=chunk)
     if fishers.kind != "core":
         raise ValueError(f"agl needs dense core-space Fishers, got kind {fishers.kind!r}")
-    util = _utility_parts(inputs, utility)
+    util = utility_parts(inputs, utility)
     factors, stats = {}, {}
     for key in inputs.keys:
         parts, st = [], {}

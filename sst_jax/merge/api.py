@@ -17,7 +17,11 @@ magnitude pruning, Fisher merging) treat α·ΔW_S as one more task vector.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import math
+import re
+import typing
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -25,35 +29,166 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sst_jax.errors import AdapterMismatchError, NumericalError, SstJaxError
+from sst_jax.errors import AdapterMismatchError, HyperParameterError, NumericalError, SstJaxError
 from sst_jax.io_utils import stable_hash
-from sst_jax.models.branches import LowRank, ModuleKey, hf_module_path
+from sst_jax.lora.adapter import LoraAdapter, from_low_rank
+from sst_jax.lora.algebra import export_merged_hf, fold, svd_truncate
+from sst_jax.lora.check import adapter_fingerprint, fingerprint_differences
+from sst_jax.lora.peft_io import save_peft
+from sst_jax.models.branches import LowRank, ModuleKey, concat_lowrank, hf_module_path
 
 # ----------------------------------------------------------------------------- registry
 
 
+# Keyword arguments a method takes that are not hyper-parameters: precomputed statistics and a
+# utility merge result are passed by the front door, never written in a config.
+_INTERNAL_PARAMS = ("fishers", "utility")
+# Hyper-parameters that change speed or memory, never the result: kept out of cache keys.
+PERFORMANCE_PARAMS = ("chunk",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One declared hyper-parameter of a merge method, read from its signature."""
+
+    name: str
+    annotation: str
+    default: Any
+    choices: tuple | None = None
+
+    def parse(self, text: Any, method: str) -> Any:
+        """The value of `--set name=text` (a string) or of a config/library entry (any type),
+        checked against this parameter's annotation and choices."""
+        ann = self.annotation
+        optional = "None" in ann
+        if text is None or (isinstance(text, str) and text.lower() in ("none", "null") and optional):
+            if optional:
+                return None
+            raise HyperParameterError(f"method {method!r}: {self.name} cannot be None ({ann})")
+        if self.choices is not None:
+            if text not in self.choices:
+                raise HyperParameterError(f"method {method!r}: {self.name} must be one of {list(self.choices)}, "
+                                          f"got {text!r}")
+            return text
+        kinds = [k for k in ("bool", "int", "float", "str") if re.search(rf"\b{k}\b", ann)]
+        for kind in kinds:
+            value = _coerce(text, kind)
+            if value is not _INVALID:
+                return value
+        if not kinds:  # an annotation we cannot check (e.g. a structured value): passed as given
+            return text
+        words = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "text"}
+        kind = " or ".join(words[k] for k in kinds) + (" (or None)" if optional else "")
+        raise HyperParameterError(f"method {method!r}: {self.name} must be {kind}, got {text!r}")
+
+    def describe(self) -> str:
+        kind = f"one of {list(self.choices)}" if self.choices else self.annotation
+        return f"{self.name}: {kind} = {self.default!r}"
+
+
+_INVALID = object()
+
+
+def _coerce(value: Any, kind: str) -> Any:
+    """value as `kind` (bool/int/float/str), from its string form or its own type; _INVALID if not."""
+    if isinstance(value, str):
+        text = value.strip()
+        if kind == "bool":
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
+                text.lower(), _INVALID)
+        if kind == "int":
+            return int(text) if re.fullmatch(r"[+-]?\d+", text) else _INVALID
+        if kind == "float":
+            try:
+                return float(text)
+            except ValueError:
+                return _INVALID
+        return value
+    if kind == "bool":
+        return value if isinstance(value, bool) else _INVALID
+    if isinstance(value, bool):
+        return _INVALID
+    if kind == "int":
+        return value if isinstance(value, int) else _INVALID
+    if kind == "float":
+        return float(value) if isinstance(value, (int, float)) else _INVALID
+    return _INVALID
+
+
+def _declared_params(fn: Callable) -> tuple[Param, ...]:
+    """Every keyword-only parameter of fn (after `inputs`) except the internal ones."""
+    out = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in _INTERNAL_PARAMS:
+            continue
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
+        choices = None
+        lit = re.search(r"Literal\[([^\]]*)\]", ann)
+        if lit:
+            choices = tuple(x.strip().strip("'\"") for x in lit.group(1).split(","))
+        elif typing.get_origin(alias := fn.__globals__.get(ann)) is typing.Literal:
+            choices = tuple(typing.get_args(alias))  # a type alias of a Literal, e.g. FisherKind
+        out.append(Param(p.name, ann, p.default, choices))
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """A registered merge method. exact: the result is kept as exact low-rank factors."""
+    """A registered merge method.
+
+    exact: the result is kept as exact low-rank factors. params: its hyper-parameters (from
+    its signature). needs: what it cannot run without — "safety" (a safety adapter) and the
+    datasets its statistics use ("harmful", "benign", "utility" = one per utility adapter).
+    statistics(inputs, data, **stat_hparams) computes what the method takes as `fishers=`
+    (cacheable); statistics_params are the hyper-parameters that change it.
+    """
 
     name: str
     fn: Callable[..., "MergeResult"]
     exact: bool
     data_aware: bool
     doc: str
+    params: tuple[Param, ...] = ()
+    needs: tuple[str, ...] = ()
+    statistics: Callable | None = None
+    statistics_params: tuple[str, ...] = ()
+
+    @property
+    def summary(self) -> str:
+        """The first sentence of the method's docstring."""
+        first = self.doc.split("\n\n")[0].replace("\n", " ").strip()
+        return first.split(". ")[0].rstrip(".") + "." if first else ""
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.params) or "none"
+        close = difflib.get_close_matches(name, [p.name for p in self.params], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise HyperParameterError(f"method {self.name!r} has no hyper-parameter {name!r}{hint}; its parameters: {known}")
+
+    def parse_hparams(self, hparams: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Checked and typed hyper-parameters: unknown names and bad values fail here, before
+        any work."""
+        return {name: self.param(name).parse(value, self.name) for name, value in (hparams or {}).items()}
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
-def register(name: str, *, exact: bool, data_aware: bool = False):
-    """Decorator: `fn(inputs: MergeInputs, **hparams) -> MergeResult` becomes method `name`."""
+def register(name: str, *, exact: bool, data_aware: bool = False, needs: Sequence[str] = (),
+             statistics: Callable | None = None, statistics_params: Sequence[str] = ()):
+    """Decorator: `fn(inputs: MergeInputs, **hparams) -> MergeResult` becomes method `name`;
+    its keyword-only parameters are its declared hyper-parameters."""
 
     def deco(fn):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"merge method {name!r} is registered twice")
         _REGISTRY[name] = MethodSpec(name=name, fn=fn, exact=exact, data_aware=data_aware,
-                                     doc=(fn.__doc__ or "").strip())
+                                     doc=(fn.__doc__ or "").strip(), params=_declared_params(fn),
+                                     needs=tuple(needs), statistics=statistics,
+                                     statistics_params=tuple(statistics_params))
         return fn
 
     return deco
@@ -61,7 +196,9 @@ def register(name: str, *, exact: bool, data_aware: bool = False):
 
 def get_method(name: str) -> MethodSpec:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown merge method {name!r}; available: {list_methods()}")
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise HyperParameterError(f"unknown merge method {name!r}{hint}; available: {', '.join(list_methods())}")
     return _REGISTRY[name]
 
 
@@ -109,18 +246,6 @@ class MergeInputs:
         """Σ wᵢ ΔW_Uᵢ at `key` as exact concatenated factors (None if no utility targets it)."""
         parts = [(a[key], w) for a, w in zip(self.utility, self.weights) if key in a]
         return concat_lowrank(parts) if parts else None
-
-
-def concat_lowrank(parts: Sequence[tuple[LowRank, float]]) -> LowRank:
-    """Σ wᵢ·ΔWᵢ exactly as one LowRank: [w₁s₁B₁C₁ … wₙsₙBₙCₙ]·[A₁; …; Aₙ], scale 1 (rank Σrᵢ)."""
-    a = jnp.concatenate([jnp.asarray(lr.a, jnp.float32) for lr, _ in parts], axis=0)
-    bs = []
-    for lr, w in parts:
-        b = jnp.asarray(lr.b, jnp.float32)
-        if lr.core is not None:
-            b = b @ jnp.asarray(lr.core, jnp.float32)
-        bs.append(b * (jnp.asarray(lr.scale, jnp.float32) * w))
-    return LowRank(a=a, b=jnp.concatenate(bs, axis=1), scale=1.0)
 
 
 def _lowrank_shape(lr: LowRank) -> tuple[int, int]:
@@ -205,10 +330,18 @@ def validate_inputs(utility_adapters: Sequence[Any], weights: Sequence[float] | 
     all_names = names + (["safety"] if safety_map is not None else [])
 
     known = {b for _, b in bases if b}
+    fingerprints = [(nm, fp) for a, nm in zip(utility_adapters + ([safety] if safety is not None else []), all_names)
+                    if isinstance(a, LoraAdapter) and (fp := adapter_fingerprint(a))]
+    for nm, fp in fingerprints[1:]:
+        diff = fingerprint_differences(fingerprints[0][1], fp)
+        if diff:
+            raise AdapterMismatchError(f"adapters were trained on different base models: {fingerprints[0][0]!r} vs "
+                                       f"{nm!r} differ in {', '.join(diff)}; merging them is meaningless")
     if len(known) > 1:
+        # A name is not an identity (a snapshot folder, a renamed copy, a hub id): recorded
+        # architecture fingerprints (above) and shapes (below) decide; differing names warn.
         listing = ", ".join(f"{nm}: {b!r}" for nm, b in bases if b)
-        raise AdapterMismatchError(f"adapters were trained on different base models ({listing}); "
-                                   "merging them is meaningless")
+        logging.warning("adapters name different base models (%s); merging since their architectures agree", listing)
     for m, nm in zip(all_maps, all_names):
         if not m:
             raise AdapterMismatchError(f"adapter {nm!r} targets no modules")
@@ -259,7 +392,7 @@ def validate_inputs(utility_adapters: Sequence[Any], weights: Sequence[float] | 
                     f"{getattr(model, 'name', '')!r} has {want}. Was it trained on another base model?")
     return MergeInputs(utility=tuple(maps), weights=tuple(weights), names=tuple(names),
                        keys=tuple(sorted(union)), shapes=shapes, safety=safety_map, alpha=float(alpha),
-                       base_model=next(iter(known)) if known else None, model=model, data=data, key=key)
+                       base_model=sorted(known)[0] if known else None, model=model, data=data, key=key)
 
 
 # ----------------------------------------------------------------------------- result
@@ -319,8 +452,6 @@ class MergeResult:
     def to_lowrank(self, rank: int | None = None) -> tuple[dict[ModuleKey, LowRank], dict[str, float]]:
         """One LowRank per module: exact for factor modules (branches concatenated);
         dense modules SVD-truncated at `rank` (required then). Returns (modules, rel. errors)."""
-        from sst_jax.lora.algebra import svd_truncate
-
         out, errors = {}, {}
         for k in self.keys:
             if k in self.dense:
@@ -336,18 +467,17 @@ class MergeResult:
     def to_adapter(self, rank: int | None = None, *, name: str | None = None):
         """A `sst_jax.lora.LoraAdapter` (per-module rank and α = rank, so s = 1) and the
         relative truncation error of each SVD-truncated module."""
-        from sst_jax.lora.adapter import from_low_rank
-
         modules, errors = self.to_lowrank(rank)
         adapter = from_low_rank(modules, base_model=self.report.get("base_model"), name=name or self.method)
         return adapter, errors
 
-    def to_peft(self, directory: str, rank: int | None = None, *, name: str | None = None) -> dict[str, float]:
-        """Write a PEFT adapter directory; returns {module path: relative truncation error}."""
-        from sst_jax.lora.peft_io import save_peft
-
+    def to_peft(self, directory: str, rank: int | None = None, *, name: str | None = None,
+                base_config: Any = None, base_hub_id: str | None = None) -> dict[str, float]:
+        """Write a PEFT adapter directory; returns {module path: relative truncation error}.
+        With base_config (the model's DecoderConfig) the adapter records the base's
+        architecture fingerprint, which later loads check."""
         adapter, errors = self.to_adapter(rank, name=name)
-        save_peft(adapter, directory)
+        save_peft(adapter, directory, base_config=base_config, base_hub_id=base_hub_id)
         self.report["export"] = {"directory": str(directory), "rank": rank, "truncation_error": dict(errors)}
         if errors:
             logging.info("exported %s at rank %d; max relative truncation error %.3g", self.method, rank,
@@ -357,14 +487,10 @@ class MergeResult:
 
     def to_merged_params(self, model) -> Any:
         """The base model's params with W ← W + ΔW folded in (exact, dense)."""
-        from sst_jax.lora.algebra import fold
-
         return fold(model.params, self.to_dense(), model.config)
 
     def to_merged_hf(self, model, directory: str) -> None:
         """Write the merged full weights as an HF model directory (exact for every method)."""
-        from sst_jax.lora.algebra import export_merged_hf
-
         export_merged_hf(model, self.to_merged_params(model), directory)
 
 
@@ -385,17 +511,9 @@ def _frobenius_norm(us: tuple[jax.Array, ...], vs: tuple[jax.Array, ...], dense:
     return jnp.sqrt(jnp.maximum(total, 0.0))
 
 
-def _branch_factors(lr: LowRank) -> tuple[jax.Array, jax.Array]:
-    """(U, V) with U V = lr.delta(): U = s·B·C (out, r), V = A (r, in), in float32."""
-    b = jnp.asarray(lr.b, jnp.float32)
-    if lr.core is not None:
-        b = b @ jnp.asarray(lr.core, jnp.float32)
-    return jnp.asarray(lr.scale, jnp.float32) * b, jnp.asarray(lr.a, jnp.float32)
-
-
 def weighted_norm(parts: Sequence[tuple[LowRank, float]], dense: jax.Array | None = None) -> float:
     """‖D + Σ wᵢ·ΔWᵢ‖_F for low-rank ΔWᵢ, exactly, from Gram matrices (no dense ΔWᵢ)."""
-    pairs = [_branch_factors(lr) for lr, _ in parts]
+    pairs = [lr.factors() for lr, _ in parts]
     us = tuple(u * jnp.float32(w) for (u, _), (_, w) in zip(pairs, parts))
     return float(_frobenius_norm(us, tuple(v for _, v in pairs), dense))
 
@@ -406,7 +524,7 @@ def module_report(result_factors: Mapping[ModuleKey, tuple[LowRank, ...]],
     formed for factor-only modules)."""
     out = {}
     for k in sorted(set(result_factors) | set(dense)):
-        pairs = [_branch_factors(lr) for lr in result_factors.get(k, ())]
+        pairs = [lr.factors() for lr in result_factors.get(k, ())]
         norm = _frobenius_norm(tuple(u for u, _ in pairs), tuple(v for _, v in pairs), dense.get(k))
         out[hf_module_path(k)] = {
             "rank": None if k in dense else int(sum(lr.a.shape[0] for lr in result_factors[k])),

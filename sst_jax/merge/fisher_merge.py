@@ -34,6 +34,13 @@ def task_fishers(inputs: MergeInputs, datasets, *, chunk: int = 8) -> list[dict]
     return out
 
 
+def fisher_statistics(inputs: MergeInputs, data, *, chunk: int = 8) -> list[dict]:
+    """The front door's hook: each utility adapter on its own dataset (data["utility"]), the
+    safety adapter on data["harmful"]."""
+    datasets = list(data["utility"]) + ([data["harmful"]] if inputs.safety is not None else [])
+    return task_fishers(inputs, datasets, chunk=chunk)
+
+
 @jax.jit
 def fisher_weighted_average(tasks: jax.Array, fishers: jax.Array, weights: jax.Array, eps: float) -> jax.Array:
     """Σ wᵢ(Fᵢ+ε)tᵢ / Σ wᵢ(Fᵢ+ε) over stacked (n, ...) arrays, ε = eps·mean(Σ Fᵢ)."""
@@ -42,7 +49,7 @@ def fisher_weighted_average(tasks: jax.Array, fishers: jax.Array, weights: jax.A
     return jnp.sum(w * tasks, axis=0) / jnp.sum(w, axis=0)
 
 
-@register("fisher", exact=False, data_aware=True)
+@register("fisher", exact=False, data_aware=True, needs=("utility",), statistics=fisher_statistics)
 def fisher(inputs: MergeInputs, *, fishers: list | None = None, eps: float = 1e-6, chunk: int = 8) -> MergeResult:
     """Diagonal Fisher merging. Defaults: eps 1e-6 (relative), chunk 8. Needs fishers=
     task_fishers(...) or model= and data={"tasks": [batches per task vector]} (utilities, then S)."""

@@ -47,6 +47,7 @@ from sst_jax.merge.fishers import as_batches, n_samples
 from sst_jax.models.branches import LowRank, ModuleKey, hf_module_path
 
 FisherKind = Literal["core", "diagonal", "kfac"]
+Labels = Literal["empirical", "model"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ class SstFishers:
     utility_benign: dict | None = None
 
 
-def _utility_parts(inputs: MergeInputs, utility: MergeResult | None = None) -> dict[ModuleKey, LowRank]:
+def utility_parts(inputs: MergeInputs, utility: MergeResult | None = None) -> dict[ModuleKey, LowRank]:
     """ΔW_U per module as one LowRank: Σ wᵢΔW_Uᵢ (exact factors) by default, or the given
     utility merge (any method; a dense ΔW becomes a full-rank LowRank)."""
     if utility is None:
@@ -75,13 +76,13 @@ def _utility_parts(inputs: MergeInputs, utility: MergeResult | None = None) -> d
     return {k: concat_lowrank([(lr, 1.0) for lr in br]) for k, br in utility.to_branches().items()}
 
 
-def _require_safety(inputs: MergeInputs, method: str) -> dict[ModuleKey, LowRank]:
+def require_safety(inputs: MergeInputs, method: str) -> dict[ModuleKey, LowRank]:
     if inputs.safety is None:
         raise ValueError(f"{method} needs a safety adapter (merge(..., safety=S))")
     return inputs.safety
 
 
-def _data(inputs: MergeInputs, name: str):
+def training_data(inputs: MergeInputs, name: str):
     data = inputs.data or {}
     if inputs.model is None or name not in data:
         raise ValueError(f"no precomputed fishers= given, so this method needs model= and data={{{name!r}: batches, ...}}")
@@ -99,13 +100,13 @@ def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "c
     `key`). two_sided: also both Fishers in U's core space, at θ₀ + ΔW_U. utility: a utility
     merge result to use as ΔW_U instead of Σ wᵢΔW_Uᵢ (pass the same one to `sst`).
     """
-    safety = _require_safety(inputs, "sst_fishers")
+    safety = require_safety(inputs, "sst_fishers")
     if fisher not in ("core", "diagonal", "kfac"):
         raise ValueError(f"fisher must be 'core', 'diagonal' or 'kfac', got {fisher!r}")
     if labels == "model" and key is None:
         raise ValueError("labels='model' needs a PRNG key (merge(..., key=...))")
     model = inputs.model
-    util = _utility_parts(inputs, utility)
+    util = utility_parts(inputs, utility)
     base = {k: (lr,) for k, lr in util.items()}
     hb, bb = as_batches(harmful, "harmful"), as_batches(benign, "benign")
     keys = (None, None) if key is None else (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1))
@@ -117,8 +118,8 @@ def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "c
                           n_benign=fb.n_samples, labels=labels)
     spaces = {k: fsh.core_space(safety[k]) for k in sorted(safety)}
     common = dict(labels=labels, at=safety_at, chunk=chunk)
-    fh = fsh.core_fisher(model, base, spaces, hb, key=keys[0], desc="F_h (harmful)", **common)
-    fb = fsh.core_fisher(model, base, spaces, bb, key=keys[1], desc="F_b (benign)", **common)
+    fh = fsh.core_fisher(model, base, spaces, hb, key=keys[0], total=n_samples(hb), desc="F_h (harmful)", **common)
+    fb = fsh.core_fisher(model, base, spaces, bb, key=keys[1], total=n_samples(bb), desc="F_b (benign)", **common)
     pick = (lambda d: dict(d)) if fisher == "core" else (lambda d: {k: jnp.diagonal(v) for k, v in d.items()})
     uh = ub = None
     if two_sided:
@@ -128,6 +129,18 @@ def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "c
         ub = pick(fsh.core_fisher(model, {}, uspaces, bb, key=keys[1], desc="F_b (U space)", **common).dense)
     return SstFishers(kind=fisher, harmful=pick(fh.dense), benign=pick(fb.dense), n_harmful=fh.n_samples,
                       n_benign=fb.n_samples, labels=labels, utility_harmful=uh, utility_benign=ub)
+
+
+def sst_statistics(inputs: MergeInputs, data, *, fisher: FisherKind = "core", two_sided: bool = False,
+                   safety_at: Literal["zero", "sigma"] = "zero", labels: Labels = "empirical", chunk: int = 8) -> SstFishers:
+    """The front door's hook: `sst_fishers` on data["harmful"] and data["benign"]."""
+    return sst_fishers(inputs, data["harmful"], data["benign"], fisher=fisher, two_sided=two_sided,
+                       safety_at=safety_at, labels=labels, key=inputs.key, chunk=chunk)
+
+
+def multi_statistics(inputs: MergeInputs, data, *, chunk: int = 8) -> "MultiFishers":
+    """The front door's hook: `sst_multi_fishers` on one dataset per expert (data["utility"])."""
+    return sst_multi_fishers(inputs, data["utility"], chunk=chunk)
 
 
 def default_k(n: int) -> int:
@@ -217,12 +230,13 @@ def _fisher_for(fishers: SstFishers, key: ModuleKey, which: str) -> tuple[jax.Ar
                          "(were they computed for other adapters, or without two_sided?)") from e
 
 
-@register("sst", exact=True, data_aware=True)
+@register("sst", exact=True, data_aware=True, needs=("safety", "harmful", "benign"), statistics=sst_statistics,
+          statistics_params=("fisher", "two_sided", "safety_at", "labels"))
 def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: FisherKind = "core",
         projector: Literal["topk", "shrinkage"] = "topk", k: int | None = None,
         lambda_threshold: float | None = None, energy: float | None = None, mu: float = 1.0,
         damping: float = 0.1, norm_matched: bool = False, two_sided: bool = False,
-        k_utility: int | None = None, safety_at: Literal["zero", "sigma"] = "zero", labels: str = "empirical",
+        k_utility: int | None = None, safety_at: Literal["zero", "sigma"] = "zero", labels: Labels = "empirical",
         utility: MergeResult | None = None, chunk: int = 8) -> MergeResult:
     """SST-Merge. Defaults: fisher "core", projector "topk" keeping k = ⌈r²/2⌉ (or the count
     from `lambda_threshold` / `energy`, exactly one rule), mu 1.0 (shrinkage), damping δ = 0.1,
@@ -232,13 +246,13 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
     k (default ⌈min(out,in)²/2⌉) Kronecker eigenpairs of the full ΔW (see `project_kfac`).
     utility: the utility part from any other merge (e.g. merge("ties", us)); default None is
     Σ wᵢΔW_Uᵢ. The Fishers must then be computed with the same `utility`."""
-    safety = _require_safety(inputs, "sst")
+    safety = require_safety(inputs, "sst")
     if fishers is None:
-        fishers = sst_fishers(inputs, _data(inputs, "harmful"), _data(inputs, "benign"), fisher=fisher,
+        fishers = sst_fishers(inputs, training_data(inputs, "harmful"), training_data(inputs, "benign"), fisher=fisher,
                               two_sided=two_sided, safety_at=safety_at, labels=labels, key=inputs.key,
                               utility=utility, chunk=chunk)
     kind = fishers.kind
-    util = _utility_parts(inputs, utility)
+    util = utility_parts(inputs, utility)
     # Safety-space GEVPs of all modules at once (one batched solve per core-space size).
     core_keys = [key for key in inputs.keys if key in safety] if kind == "core" else []
     eigs = dict(zip(core_keys, _batched_eigh([_fisher_for(fishers, key, "safety") for key in core_keys], damping)))
@@ -320,7 +334,7 @@ def sst_multi_fishers(inputs: MergeInputs, datasets, *, chunk: int = 8) -> Multi
     return MultiFishers(fishers=tuple(out), n_samples=tuple(ns))
 
 
-@register("sst_multi", exact=True, data_aware=True)
+@register("sst_multi", exact=True, data_aware=True, needs=("utility",), statistics=multi_statistics)
 def sst_multi(inputs: MergeInputs, *, fishers: MultiFishers | None = None, k: int | None = None,
               lambda_threshold: float | None = None, energy: float | None = None, damping: float = 0.1,
               chunk: int = 8) -> MergeResult:
@@ -332,7 +346,7 @@ def sst_multi(inputs: MergeInputs, *, fishers: MultiFishers | None = None, k: in
     if len(inputs.utility) < 2:
         raise ValueError("sst_multi needs at least two experts")
     if fishers is None:
-        fishers = sst_multi_fishers(inputs, _data(inputs, "experts"), chunk=chunk)
+        fishers = sst_multi_fishers(inputs, training_data(inputs, "experts"), chunk=chunk)
     problems = []  # (key, expert, core space, F_i, Σ_{j≠i} F_j)
     for key in inputs.keys:
         for i, adapter in enumerate(inputs.utility):
@@ -377,10 +391,5 @@ def _batched_eigh(problems: list[tuple[jax.Array, jax.Array]], damping: float) -
     return out
 
 
-def utility_part(inputs: MergeInputs) -> dict[ModuleKey, LowRank]:
-    """Σ wᵢΔW_Uᵢ per module as exact factors (what α = 0 returns)."""
-    return _utility_parts(inputs)
-
-
 __all__ = ["MultiFishers", "SstFishers", "default_k", "project_core", "project_kfac", "sst", "sst_fishers", "sst_multi",
-           "sst_multi_fishers", "utility_part"]
+           "sst_multi_fishers", "sst_statistics", "multi_statistics"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping, Union
+from typing import Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -50,12 +50,18 @@ class LowRank:
             h = h @ self.core.T.astype(x.dtype)
         return (h @ self.b.T.astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
 
+    def factors(self) -> tuple[jax.Array, jax.Array]:
+        """(U, V) in float32 with U·V = ΔW: U = scale·B·C (out, r_in), V = A (r_in, in).
+        The one place the s·B·C product is formed; every other low-rank algebra uses it."""
+        b = jnp.asarray(self.b, jnp.float32)
+        if self.core is not None:
+            b = b @ jnp.asarray(self.core, jnp.float32)
+        return jnp.asarray(self.scale, jnp.float32) * b, jnp.asarray(self.a, jnp.float32)
+
     def delta(self) -> jax.Array:
         """The dense ΔW (out, in), in float32."""
-        a = jnp.asarray(self.a, jnp.float32)
-        b = jnp.asarray(self.b, jnp.float32)
-        mid = b if self.core is None else b @ jnp.asarray(self.core, jnp.float32)
-        return jnp.asarray(self.scale, jnp.float32) * (mid @ a)
+        u, v = self.factors()
+        return u @ v
 
 
 @jax.tree_util.register_dataclass
@@ -67,6 +73,16 @@ class OutputTap:
 
     def apply(self, x: jax.Array) -> jax.Array:
         return self.delta.astype(x.dtype)
+
+
+def concat_lowrank(parts: Sequence[tuple[LowRank, float]]) -> LowRank:
+    """Σ wᵢ·ΔWᵢ exactly as one LowRank: [w₁s₁B₁C₁ … wₙsₙBₙCₙ]·[A₁; …; Aₙ], scale 1 (rank Σrᵢ,
+    PEFT's `cat`). Weights may be traced (the sum is differentiable in w)."""
+    if not parts:
+        raise ValueError("concat_lowrank needs at least one part")
+    us, vs = zip(*[lr.factors() for lr, _ in parts])
+    b = jnp.concatenate([u * jnp.asarray(w, jnp.float32) for u, (_, w) in zip(us, parts)], axis=1)
+    return LowRank(a=jnp.concatenate(vs, axis=0), b=b, scale=1.0)
 
 
 Branch = Union[LowRank, OutputTap]

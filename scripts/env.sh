@@ -4,7 +4,9 @@
 # machine that already built the same lock reuses it, and a changed lock gets a new one.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-key="$(cat "$repo/requirements/lock.txt" "$repo/requirements/nodeps.txt" "$repo/pyproject.toml" | sha256sum | cut -c1-16)"
+# Keyed by the lock files only: they pin every dependency pyproject.toml declares, so editing
+# pyproject metadata (scripts, markers) does not rebuild the environment.
+key="$(cat "$repo/requirements/lock.txt" "$repo/requirements/nodeps.txt" | sha256sum | cut -c1-16)"
 root="${SST_JAX_VENV_ROOT:-$HOME/.cache/sst-jax}"
 venv="$root/venv-$key"
 python="${PYTHON:-python3.11}"
@@ -23,7 +25,7 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 # The package itself is used from the checkout (no install), so every clone tests its own code.
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$venv/bin:$PATH"
+export PATH="$repo/scripts/bin:$venv/bin:$PATH"
 export VIRTUAL_ENV="$venv"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 export TOKENIZERS_PARALLELISM=false

@@ -14,12 +14,13 @@ from typing import Any, Callable, Iterator
 
 from absl import logging
 
+from sst_jax.eval.report import json_safe
 from sst_jax.io_utils import atomic_write_json, stable_hash
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
 EXPERIMENT_DIRS = {"exp1": "exp1_safety_utility", "exp2": "exp2_multitask", "exp3": "exp3_baseline"}
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: headline entries per method at the top level; 3-D ranking (SCHEMA.md)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -122,7 +123,7 @@ def result_path(output_dir: str | Path, experiment: str, model: str, mode: str) 
 
 
 def write_result(path: Path, payload: dict) -> Path:
-    payload = {"schema_version": SCHEMA_VERSION, **payload}
+    payload = json_safe({"schema_version": SCHEMA_VERSION, **payload})  # strict JSON: ∞ as "inf"
     atomic_write_json(path, payload)
     logging.info("wrote %s", path)
     return path

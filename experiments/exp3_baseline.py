@@ -1,14 +1,19 @@
 """exp3: method comparison. The same utility adapter U and safety adapter S merged by every
 method over an α sweep; each configuration's safety (refusal on held-out harmful prompts),
-over-refusal, utility (MC accuracy) and tax; per method the best composite, the Pareto front
-and the hypervolume of its α-sweep front; paired tests against task arithmetic."""
+over-refusal, utility and tax. Rows, rankings and paired tests come from
+`sst_jax.eval.report.MetricsReporter` (one implementation of the 3-D front over
+(refusal, 1 − over-refusal, utility), its hypervolume and composite, with the 2-D ones beside
+them); this file only evaluates and records."""
 
 from __future__ import annotations
 
 from experiments.exp1_safety_tax import tax_with_interval
 from experiments.workbench import Workbench
-from sst_jax.eval.metrics import (composite_score, distance_to_ideal, hypervolume_2d,
-                                  paired_comparison, pareto_front)
+from sst_jax.eval.report import MetricsReporter
+
+REFERENCE = "task_arithmetic"  # paired tests are against TA at the same α
+PAIRED = {"refusal_vs_ta": ("harmful", "refused"), "over_refusal_vs_ta": ("benign", "refused"),
+          "utility_vs_ta": ("utility", "correct")}
 
 
 def run(wb: Workbench) -> dict:
@@ -17,7 +22,9 @@ def run(wb: Workbench) -> dict:
     utility = wb.expert(domain)
     safety = wb.safety_adapter()
     before = wb.evaluate_adapter("utility_only", utility, domains=[domain])
-    rows = []
+    reporter = MetricsReporter(None, "exp3")
+    reporter.set_baseline(before["metrics"]["refusal"], before["metrics"]["utility"],
+                          label="U alone (utility_only)")
     evaluations = {}
     for method in cfg["methods"]:
         for alpha in cfg["alphas"]:
@@ -26,46 +33,28 @@ def run(wb: Workbench) -> dict:
                                     domains=[domain], mc=False)
             evaluations[name] = res
             m = res["metrics"]
-            tax = tax_with_interval(before, res, seed=wb.seed)
-            s, u = m["refusal"]["value"], m["utility"]["value"]
-            rows.append({"method": method, "alpha": float(alpha), "safety": s, "utility": u,
-                         "over_refusal": m["over_refusal"]["value"],
-                         "safety_ci": [m["refusal"]["low"], m["refusal"]["high"]],
-                         "utility_ci": [m["utility"]["low"], m["utility"]["high"]],
-                         "refusal_nll": m.get("refusal_nll"),
-                         "patch_norm": res.get("merge_report", {}).get("safety_patch_norm"),
-                         "tax_relative": tax["relative"], "tax_absolute": tax["absolute"],
-                         "composite": composite_score(s, u, tax["absolute"]),
-                         "distance_to_ideal": distance_to_ideal(s, u)})
-    summary = {}
-    for method in cfg["methods"]:
-        mine = [r for r in rows if r["method"] == method]
-        points = [(r["safety"], r["utility"]) for r in mine]
-        front = pareto_front(points)
-        best = max(mine, key=lambda r: r["composite"])
-        summary[method] = {"best_composite": best["composite"], "best_alpha": best["alpha"],
-                           "pareto_alphas": [mine[i]["alpha"] for i in front],
-                           "hypervolume": hypervolume_2d(points)}
-    all_points = [(r["safety"], r["utility"]) for r in rows]
-    global_front = [f"{rows[i]['method']}@{rows[i]['alpha']:g}" for i in pareto_front(all_points)]
-    paired = {}
+            tax = tax_with_interval(before, res, seed=wb.seed)  # point tax = the reporter's
+            reporter.add(method, float(alpha), safety=m["refusal"], utility=m["utility"],
+                         over_refusal=m["over_refusal"], name=name,
+                         tax_absolute_ci=tax["absolute_ci"], tax_relative_ci=tax["relative_ci"],
+                         refusal_nll=m.get("refusal_nll"),
+                         patch_norm=res.get("merge_report", {}).get("safety_patch_norm"))
+    paired: dict[str, dict] = {}
     for name, res in evaluations.items():
         method, alpha = name.split("@")
-        ref = evaluations.get(f"task_arithmetic@{alpha}")
-        if ref is None or method == "task_arithmetic":
+        ref = evaluations.get(f"{REFERENCE}@{alpha}")
+        if ref is None or method == REFERENCE:
             continue
-        paired[name] = {
-            "refusal_vs_ta": _paired(res, ref, "harmful", "refused", wb.seed),
-            "utility_vs_ta": _paired(res, ref, "utility", "correct", wb.seed),
-        }
-    return {"utility_domain": domain, "alphas": cfg["alphas"], "rows": rows, "summary": summary,
-            "pareto_front": global_front, "paired_vs_task_arithmetic": paired,
-            "utility_only": before, "configurations": evaluations}
-
-
-def _paired(a: dict, b: dict, records: str, field: str, seed: int) -> dict:
-    xa = [r[field] for r in a["records"][records]]
-    xb = [r[field] for r in b["records"][records]]
-    cmp = paired_comparison(xa, xb, seed=seed)
-    return {"n": cmp.n, "a_only": cmp.a_only, "b_only": cmp.b_only,
-            "difference": cmp.difference.as_dict(), "mcnemar_p": cmp.mcnemar_p}
+        for key, (records, field) in PAIRED.items():
+            entry = reporter.add_comparison(key.removesuffix("_vs_ta"), name, f"{REFERENCE}@{alpha}",
+                                            [r[field] for r in res["records"][records]],
+                                            [r[field] for r in ref["records"][records]], seed=wb.seed)
+            paired.setdefault(name, {})[key] = {k: entry[k] for k in
+                                                ("n", "a_only", "b_only", "difference", "mcnemar_p")}
+    names = lambda front: [f"{f['method']}@{f['alpha']:g}" for f in front]  # noqa: E731
+    return {"utility_domain": domain, "alphas": cfg["alphas"], "baseline": reporter.baseline,
+            "rows": reporter.rows, "summary": reporter.summary(),
+            "pareto_front": names(reporter.global_front()),
+            "pareto_front_2d": names(reporter.global_front_2d()),
+            "paired_vs_task_arithmetic": paired, "utility_only": before,
+            "configurations": evaluations}

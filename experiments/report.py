@@ -1,4 +1,7 @@
-"""Per-experiment reports (Markdown, CSV, PNG via sst_jax.eval.report) and the stdout summary."""
+"""Per-experiment reports (Markdown, CSV, PNG via sst_jax.eval.report) and the stdout summary.
+
+exp3's per-seed report is `MetricsReporter`'s own (rebuilt from the result rows, nothing
+recomputed): one implementation of the rankings, in sst_jax/eval/report.py."""
 
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ def _fmt(est: dict | None) -> str:
 def _num(x: Any, digits: int = 3) -> str:
     if x is None:
         return "-"
+    if isinstance(x, str) and x in ("inf", "-inf", "nan"):
+        x = float(x)
     if isinstance(x, float):
-        return f"{x:.{digits}g}"
+        return "∞" if x == float("inf") else f"{x:.{digits}g}"
     return str(x)
 
 
@@ -44,14 +49,23 @@ def summary_rows(exp: str, payload: dict) -> tuple[list[str], list[list[str]]]:
                     rows.append([seed, n, method, _num(r["retention_mean"]), _num(r["retention_worst"]),
                                  _fmt(r["refusal"]), _num(r["refusal_retained"])])
     else:
-        header = ["seed", "method", "α", "refusal %", "over-refusal %", "utility %", "abs. tax",
-                  "composite", "patch ‖ΔW‖"]
+        header = ["seed", "method", "α", "refusal % [95% CI]", "over-refusal % [95% CI]",
+                  "utility % [95% CI]", "abs. tax", "composite", "composite 2-D", "patch ‖ΔW‖"]
         for seed, res in payload["results"].items():
             for r in res["rows"]:
-                rows.append([seed, r["method"], _num(r["alpha"]), f"{100 * r['safety']:.1f}",
-                             f"{100 * r['over_refusal']:.1f}", f"{100 * r['utility']:.1f}",
-                             _num(r["tax_absolute"]), _num(r["composite"]), _num(r["patch_norm"])])
+                rows.append([seed, r["method"], _num(r["alpha"]), _fmt(r["safety"]),
+                             _fmt(r["over_refusal"]), _fmt(r["utility"]), _num(r["tax_absolute"]),
+                             _num(r["composite"]), _num(r["composite_2d"]), _num(r["patch_norm"])])
     return header, rows
+
+
+def exp3_reporter(res: dict, name: str, *, meta: dict | None = None) -> eval_report.MetricsReporter:
+    """The MetricsReporter behind one seed of exp3, rebuilt from its result object."""
+    comparisons = [{"metric": key.removesuffix("_vs_ta"), "a": config, "b": f"task_arithmetic@{config.split('@')[1]}",
+                    **cmp} for config, tests in res.get("paired_vs_task_arithmetic", {}).items()
+                   for key, cmp in tests.items()]
+    return eval_report.MetricsReporter.from_rows(None, name, res["rows"], baseline=res.get("baseline"),
+                                                 comparisons=comparisons, meta=meta)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -80,14 +94,23 @@ def write_reports(exp: str, payload: dict, directory: Path) -> None:
           markdown_table(header, rows), ""]
     if exp == "exp3":
         for seed, res in payload["results"].items():
-            md += [f"## seed {seed}: per-method summary over the α sweep", "",
-                   markdown_table(["method", "best composite", "best α", "Pareto α", "hypervolume"],
-                                  [[m, _num(s["best_composite"]), _num(s["best_alpha"]),
-                                    ", ".join(_num(a) for a in s["pareto_alphas"]), _num(s["hypervolume"])]
+            reporter = exp3_reporter(res, f"{stem}_seed{seed}", meta={"model": payload["model"],
+                                     "mode": payload["mode"], "seed": seed})
+            reporter.write(directory)  # {stem}_seed{seed}.md/.csv/.json and the PNG plots
+            md += [f"## seed {seed}", "", f"Per-configuration table, fronts and paired tests: "
+                   f"`{stem}_seed{seed}.md`.", "",
+                   markdown_table(["method", "best composite (α)", "Pareto α", "hypervolume",
+                                   "best composite 2-D (α)", "Pareto α 2-D", "hypervolume 2-D"],
+                                  [[m, f"{_num(s['best_composite'])} ({_num(s['best_alpha'])})",
+                                    ", ".join(_num(a) for a in s["pareto_alphas"] or []),
+                                    _num(s["hypervolume"]),
+                                    f"{_num(s['best_composite_2d'])} ({_num(s['best_alpha_2d'])})",
+                                    ", ".join(_num(a) for a in s["pareto_alphas_2d"]),
+                                    _num(s["hypervolume_2d"])]
                                    for m, s in res["summary"].items()]), "",
-                   f"Global Pareto front: {', '.join(res['pareto_front'])}", ""]
-            eval_report.plot_safety_utility(directory / f"{stem}_seed{seed}_scatter.png", res["rows"])
-            eval_report.plot_tax_bars(directory / f"{stem}_seed{seed}_tax.png", res["rows"])
+                   f"Global Pareto front (refusal, 1 − over-refusal, utility): "
+                   f"{', '.join(res['pareto_front'])}", "",
+                   f"Global Pareto front 2-D (refusal, utility): {', '.join(res['pareto_front_2d'])}", ""]
     if exp == "exp2":
         for seed, res in payload["results"].items():
             curves = {}

@@ -15,10 +15,11 @@ Markdown, PNG). Re-running with the same flags resumes from the caches.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -64,15 +65,43 @@ flags.DEFINE_list("utility_adapters", [],
 flags.DEFINE_enum("judge", "keyword", ["keyword"],
                   "Refusal judge: 'keyword' = the pinned GCG refusal-prefix list applied to "
                   "the response only. Classifier judges plug in through sst_jax.eval.")
-flags.DEFINE_string("dtype", None, "Compute dtype override: float32 or bfloat16 "
-                    "(default: float32 on CPU, bfloat16 on GPU/TPU).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype override "
+                  "(default: float32 on CPU, bfloat16 on GPU/TPU).")
+flags.DEFINE_bool("export_adapters", False,
+                  "Also write the merged adapter of every configuration evaluated, as a PEFT folder "
+                  "with its merge_report.json, under <output_dir>/adapters/<model>/ (dense methods "
+                  "SVD-truncated at the inputs' total rank, the error reported).")
+flags.DEFINE_string("log_file", None,
+                    "Also write the log here (default: <output_dir>/logs/run-<time>.log; '' disables).")
 
 
 def main(argv: list[str]) -> int:
     del argv
-    from experiments.runner import run_from_flags  # heavy imports after flag parsing
+    import logging as std_logging
 
-    return run_from_flags(FLAGS)
+    # Third-party loggers stay at WARNING: orbax logs every checkpoint option at INFO through
+    # absl's one logger, so its records are told apart by the file that logged them.
+    for name in ("orbax", "jax", "transformers", "datasets"):
+        std_logging.getLogger(name).setLevel(std_logging.WARNING)
+    logging.get_absl_handler().addFilter(third_party_info_filter)
+    from experiments.runner import run_from_flags  # heavy imports after flag parsing
+    from sst_jax.errors import SstJaxError
+
+    try:
+        return run_from_flags(FLAGS)
+    except SstJaxError as err:
+        # The project's own errors say what to do: one line, a traceback only when asked for.
+        if FLAGS.verbosity >= 1 or os.environ.get("SST_JAX_TRACEBACK") == "1":
+            raise
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+def third_party_info_filter(record) -> bool:
+    """Drop INFO (and lower) records logged from inside third-party packages."""
+    import logging as std_logging
+
+    return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
 
 
 HELP_FLAGS = {"-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml"}

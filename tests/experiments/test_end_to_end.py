@@ -1,23 +1,12 @@
 """All three experiments end to end on the `tiny` preset: schema, per-sample records behind
 every aggregate, determinism, and resume from cache."""
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 
-from experiments import runner
-
-CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "smoke.json")
 TOP_LEVEL = {"schema_version", "experiment", "model", "model_source", "mode", "seeds", "config",
              "sample_counts", "judge", "timings_s", "versions", "results"}
-
-
-def _run(out: Path) -> dict[str, dict]:
-    paths = runner.run_model("tiny", ("exp1", "exp2", "exp3"), mode="minimal", config_path=CONFIG,
-                             output_dir=str(out), seed=0)
-    return {json.loads(p.read_text())["experiment"]: json.loads(p.read_text()) for p in paths}
 
 
 def _numbers(payloads: dict[str, dict]) -> dict:
@@ -33,11 +22,10 @@ def _check_estimate(est: dict, records: list, field: str):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    first_dir = tmp_path_factory.mktemp("first")
-    first = _run(first_dir)
-    second = _run(tmp_path_factory.mktemp("second"))  # fresh cache: recomputed from scratch
-    resumed = _run(first_dir)  # same flags, same output dir: served from the cache
+def runs(tiny_run, run_tiny_experiments, tmp_path_factory):
+    _, first_dir, first = tiny_run  # the session's shared run (tests/experiments/conftest.py)
+    second = run_tiny_experiments(tmp_path_factory.mktemp("second"))  # fresh cache: recomputed from scratch
+    resumed = run_tiny_experiments(first_dir)  # same flags, same output dir: served from the cache
     return first, second, resumed, first_dir
 
 
@@ -45,8 +33,8 @@ def test_every_result_file_has_the_documented_schema(runs):
     first, _, _, out = runs
     assert set(first) == {"exp1", "exp2", "exp3"}
     for exp, payload in first.items():
-        assert set(payload) == TOP_LEVEL, exp
-        assert payload["schema_version"] == 1 and payload["seeds"] == [0]
+        assert set(payload) >= TOP_LEVEL and set(payload["headline_methods"]) <= set(payload), exp
+        assert payload["schema_version"] == 2 and payload["seeds"] == [0]
     assert (out / "exp1_safety_utility").is_dir() and (out / "exp3_baseline").is_dir()
     assert list((out / "exp3_baseline").glob("*.png")), "exp3 writes its plots"
     assert list((out / "exp2_multitask").glob("*retention.png"))
@@ -63,13 +51,13 @@ def test_aggregates_are_computed_from_the_per_sample_records(runs):
         if name in ("base", "safety_only", "utility_only"):  # MC utility beside the primary one
             _check_estimate(ev["metrics"]["utility_mc"], ev["records"]["utility_mc"], "correct")
             assert all(len(r["choice_loglik"]) == 4 for r in ev["records"]["utility_mc"])
-    assert set(exp1["safety_tax"]) == {"task_arithmetic@1", "sst@1"}
+    assert set(exp1["safety_tax"]) == {"task_arithmetic@1", "sst@1", "sst_guard@1"}
     exp3 = first["exp3"]["results"]["0"]
     methods = {r["method"] for r in exp3["rows"]}
-    assert methods == {"task_arithmetic", "ties", "dare_ties", "agl", "fisher", "sst"}
-    assert len(exp3["rows"]) == 6 * 2
+    assert methods == {"task_arithmetic", "ties", "dare_ties", "agl", "fisher", "sst", "sst_guard"}
+    assert len(exp3["rows"]) == 7 * 2
     exp2 = first["exp2"]["results"]["0"]["results"]["2"]["methods"]
-    assert set(exp2) == {"task_arithmetic", "ties", "dare_ties", "agl", "sst", "sst_multi"}
+    assert set(exp2) == {"task_arithmetic", "ties", "dare_ties", "agl", "sst", "sst_multi", "sst_guard"}
 
 
 def test_same_seed_gives_the_same_numbers(runs):

@@ -11,7 +11,7 @@ import pytest
 from experiments.common import Cache, Timings, load_config
 from experiments.runner import parse_adapter_flags
 from experiments.workbench import Workbench, build_splits
-from sst_jax.errors import AdapterMismatchError
+from sst_jax.errors import AdapterMismatchError, DatasetError, SstJaxError
 from sst_jax.lora.adapter import init_lora
 from sst_jax.lora.peft_io import save_peft
 
@@ -66,7 +66,34 @@ def test_adapter_flags_are_parsed_and_checked(tmp_path):
     (tmp_path / "a").mkdir()
     assert parse_adapter_flags(str(tmp_path / "a"), [f"parity={tmp_path / 'a'}"]) == {
         "safety": str(tmp_path / "a"), "expert:parity": str(tmp_path / "a")}
-    with pytest.raises(SystemExit, match="DOMAIN=DIR"):
+    with pytest.raises(SstJaxError, match="DOMAIN=DIR"):
         parse_adapter_flags(None, ["no-equals-sign"])
-    with pytest.raises(SystemExit, match="not a directory"):
+    with pytest.raises(SstJaxError, match="not a directory"):
         parse_adapter_flags(str(tmp_path / "missing"), [])
+
+
+@pytest.mark.parametrize("rows, needle", [([], "empty"), ([{"prompt": "a"}, {"prompt": "b"}], "2 prompts.*at least 3"),
+                                          ([{"prompt": "a"}, {"text": "b"}, {"prompt": "c"}], "line 2.*'prompt'")])
+def test_a_benign_file_too_small_or_without_prompts_fails_before_the_model_loads(cfg, tmp_path, rows, needle):
+    path = tmp_path / "benign.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DatasetError, match=needle):
+        build_splits(cfg, seed=0, benign_path=str(path))
+
+
+def test_user_adapters_are_checked_before_any_training(cfg, tiny_model, tmp_path):
+    ok = init_lora(jax.random.key(1), tiny_model.config, targets=("q_proj",), r=2, alpha=4, base_model="tiny")
+    save_peft(ok, tmp_path / "ok")
+    splits = build_splits(cfg, seed=0)
+    wb = Workbench(tiny_model, cfg, splits, Cache(tmp_path / "cache"), seed=0, timings=Timings(),
+                   external_adapters={"expert:no_such_domain": str(tmp_path / "ok")})
+    with pytest.raises(DatasetError, match="no_such_domain.*known: " + splits.domains[0]):
+        wb.check_external_adapters()
+    bigger = tiny_model.config.replace(d_model=tiny_model.config.d_model * 2)
+    save_peft(init_lora(jax.random.key(0), bigger, targets=("q_proj",), r=2, alpha=4), tmp_path / "other")
+    wb = Workbench(tiny_model, cfg, splits, Cache(tmp_path / "cache"), seed=0, timings=Timings(),
+                   external_adapters={"expert:" + splits.domains[0]: str(tmp_path / "ok"),
+                                      "safety": str(tmp_path / "other")})
+    with pytest.raises(AdapterMismatchError, match="q_proj"):
+        wb.check_external_adapters()
+    assert wb.timings.seconds == {}  # nothing was trained or generated

@@ -54,12 +54,16 @@ def measure(fn: Callable[[], Any], *, repeats: int = 1, warmup: int = 1) -> dict
     for _ in range(warmup):
         fn()
     base = reset_peak()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"seconds": min(times), "seconds_all": times, "peak_mb": peak_mb(base), "rss_mb": base / 1024.0}
+        cpu.append(time.process_time() - c0)
+    # cpu_seconds: CPU time of the whole process (all its threads); on a shared, oversubscribed
+    # machine it is a steadier measure of single-threaded work than wall time.
+    return {"seconds": min(times), "seconds_all": times, "cpu_seconds": min(cpu), "peak_mb": peak_mb(base),
+            "rss_mb": base / 1024.0}
 
 
 def versions() -> dict:
@@ -110,7 +114,11 @@ def run_case(script: str, case: str, args: Sequence[str] = (), timeout: int = 90
     env = dict(os.environ)
     env.update(thread_env(threads()))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # stdin from /dev/null: a case started from a background job must never wait on a terminal.
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -118,8 +126,16 @@ def run_case(script: str, case: str, args: Sequence[str] = (), timeout: int = 90
     return {"error": f"exit {proc.returncode}: {tail}"}
 
 
+def max_rss_mb() -> float:
+    """Peak RSS of this whole process so far (getrusage ru_maxrss: inputs, XLA and all)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def emit(result: dict) -> None:
-    """Child side of run_case."""
+    """Child side of run_case; adds the process's lifetime peak RSS as `max_rss_mb`."""
+    result = {**result, "max_rss_mb": max_rss_mb()}
     print("RESULT " + json.dumps(result), flush=True)
 
 

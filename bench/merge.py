@@ -7,6 +7,12 @@ on a torch nn.Module tree with the same Linear shapes.
 
     python bench/merge.py                 # 20 experts, 1 layer (several minutes)
     python bench/merge.py --experts 4     # quick
+    python bench/merge.py --modules gate_proj --only ours:ties:1,ours:dare_ties:1,ours:dare_linear:1
+                                          # streaming TIES/DARE, one 14336×4096 MLP module at 7B width
+
+Memory: "peak MiB" is the extra RSS of the timed call; "process peak MiB" is the case process's
+whole-life peak RSS (getrusage ru_maxrss: the Python/JAX runtime, inputs, compile and both calls;
+XLA's CPU allocations are in RSS), i.e. what the merge needs end to end.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ D, FF, KV, RANK, ALPHA = 4096, 14336, 1024, 16, 32
 SHAPES = {"q_proj": (D, D), "k_proj": (KV, D), "v_proj": (KV, D), "o_proj": (D, D),
           "gate_proj": (FF, D), "up_proj": (FF, D), "down_proj": (D, FF)}
 MODULES = tuple(SHAPES)
-# (library, method, width divisor). Dense TIES/DARE at full 7B width do not fit this CPU's time
-# budget (our per-module top-k trim of one 14336×4096 ΔW alone takes ~100 s on one core), so
-# they run at 1/4 width (every module 1/16 of its 7B size) beside TA/SST/PEFT at the same width.
+# (library, method, width divisor). TIES/DARE stream the experts through each module (a few
+# out × in buffers, never an n × out × in stack); at 7B width they are slow on one core, so run
+# them on a subset of modules (--modules) and extrapolate; the 1/4-width rows compare with PEFT.
 GRID = (("ours", "task_arithmetic", 1), ("ours", "sst", 1), ("ours", "sst_multi", 1), ("peft", "cat", 1),
+        ("ours", "ties", 1), ("ours", "dare_ties", 1), ("ours", "dare_linear", 1),
         ("ours", "task_arithmetic", 4), ("ours", "ties", 4), ("ours", "dare_ties", 4), ("ours", "sst", 4),
         ("peft", "cat", 4), ("peft", "ties_svd", 4))
 
@@ -36,8 +43,9 @@ GRID = (("ours", "task_arithmetic", 1), ("ours", "sst", 1), ("ours", "sst_multi"
 def set_width(div: int) -> None:
     """Scale every module's dims by 1/div (div = 1: Mistral-7B shape)."""
     d, ff, kv = 4096 // div, 14336 // div, 1024 // div
-    SHAPES.update({"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d),
-                   "gate_proj": (ff, d), "up_proj": (ff, d), "down_proj": (d, ff)})
+    full = {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d),
+            "gate_proj": (ff, d), "up_proj": (ff, d), "down_proj": (d, ff)}
+    SHAPES.update({m: full[m] for m in SHAPES})
 
 
 def expert_factors(n: int, layers: int, seed: int = 0) -> list[dict]:
@@ -87,7 +95,7 @@ def run_ours(method: str, n: int, layers: int) -> dict:
         kwargs = dict(fishers=MultiFishers(
             fishers=tuple({k + (i,): mats[(i + j) % 4] for k in keys for i in range(n)} for j in range(n)),
             n_samples=(64,) * n))
-    elif method == "dare_ties":
+    elif method in ("dare_ties", "dare_linear"):
         kwargs = dict(density=0.5, key=jax.random.PRNGKey(0))
     elif method == "ties":
         kwargs = dict(density=0.2)
@@ -117,13 +125,13 @@ def run_peft(combination: str, n: int, layers: int) -> dict:
     class Attn(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            for m in MODULES[:4]:
+            for m in (m for m in MODULES[:4] if m in SHAPES):
                 setattr(self, m, torch.nn.Linear(SHAPES[m][1], SHAPES[m][0], bias=False, device="meta"))
 
     class Mlp(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            for m in MODULES[4:]:
+            for m in (m for m in MODULES[4:] if m in SHAPES):
                 setattr(self, m, torch.nn.Linear(SHAPES[m][1], SHAPES[m][0], bias=False, device="meta"))
 
     class Layer(torch.nn.Module):
@@ -145,7 +153,7 @@ def run_peft(combination: str, n: int, layers: int) -> dict:
             return x
 
     base = Model().to_empty(device="cpu")  # base weights are never read by the merge
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(MODULES), lora_dropout=0.0)
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(SHAPES), lora_dropout=0.0)
     raw = expert_factors(n, layers)
     pm = peft.get_peft_model(base, cfg, adapter_name="e0")
     for i in range(1, n):
@@ -177,7 +185,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma-separated methods to skip")
+    ap.add_argument("--only", default="", help="comma-separated cases lib:method:div to run (default: all)")
+    ap.add_argument("--modules", default=",".join(MODULES), help="comma-separated target modules per layer")
     args = ap.parse_args()
+    mods = [m for m in args.modules.split(",") if m]
+    for m in list(SHAPES):
+        if m not in mods:
+            del SHAPES[m]
     if args.case:
         lib, method, div = args.case.split(":")
         set_width(int(div))
@@ -187,11 +201,12 @@ def main() -> None:
     os.environ["SST_BENCH_THREADS"] = str(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     results = {}
-    extra_args = ["--experts", str(args.experts), "--layers", str(args.layers)]
+    extra_args = ["--experts", str(args.experts), "--layers", str(args.layers), "--modules", ",".join(mods)]
+    only = set(filter(None, args.only.split(",")))
     for lib, m, div in GRID:
-        if m in skip:
-            continue
         case = f"{lib}:{m}:{div}"
+        if m in skip or (only and case not in only):
+            continue
         results[case] = r = common.run_case(__file__, case, extra_args, timeout=1800)
         print(case, {k: v for k, v in r.items() if k != "seconds_all"}, flush=True)
     rows = []
@@ -203,26 +218,28 @@ def main() -> None:
         per_layer = s / args.layers if s is not None else None
         width = "7B width" if div == "1" else f"1/{div} width"
         rows.append([f"{lib} {m} ({width})", s, per_layer, per_layer * 32 if per_layer is not None else None,
-                     r.get("peak_mb"), common.ratio(ref_cat, s), common.ratio(ref_ties, s), r.get("error", "")[-80:]])
-    notes = [f"{args.experts} experts, rank {RANK}, α={ALPHA}, all 7 modules of {args.layers} layer(s) at Mistral-7B "
+                     r.get("peak_mb"), r.get("max_rss_mb"), common.ratio(ref_cat, s), common.ratio(ref_ties, s),
+                     r.get("error", "")[-80:]])
+    notes = [f"{args.experts} experts, rank {RANK}, α={ALPHA}, modules {','.join(mods)} of {args.layers} layer(s) at Mistral-7B "
              f"shape (d={D}, d_ff={FF}, k/v {KV}); 'x32 layers s' extrapolates linearly to the 32 layers of the "
              "full model (every layer has the same shapes, and each module is merged independently). Rows marked "
-             "1/4 width scale every module dimension by 1/4 (d=1024, d_ff=3584, k/v 256): our dense TIES trim "
-             "(lax.top_k over each expert's ΔW) takes ~100 s per 14336×4096 matrix on one core, i.e. hours for 20 "
-             "experts at 7B width, so TIES/DARE are compared with PEFT at the smaller width.",
+             "1/4 width scale every module dimension by 1/4 (d=1024, d_ff=3584, k/v 256), where TIES/DARE are compared "
+             "with PEFT; with a subset of --modules the x32 column covers only those modules.",
              "ours: `merge(method, experts, [1.0]*n, ...)` including the result's report; TIES density 0.2 (trim per "
              "module), DARE-TIES density 0.5; sst: 20 utility experts + 1 safety adapter, Fishers given as random SPD "
              "256×256 per module (the Fisher pass is benchmark 1); sst_multi: each expert against the others' "
              "(random SPD) Fishers. Time after one untimed call (JIT compile; first-call time in the JSON).",
-             "TA/SST results stay exact low-rank factors (no dense ΔW); TIES/DARE produce a dense ΔW per module "
-             "(n × out × in float32 stacked); PEFT `cat` concatenates factors, PEFT `ties_svd` builds dense ΔW per "
+             "TA/SST results stay exact low-rank factors (no dense ΔW); TIES/DARE produce a dense ΔW per module, "
+             "streaming the experts one at a time (two passes: election score, then agreeing sum and count); PEFT `cat` concatenates factors, PEFT `ties_svd` builds dense ΔW per "
              "adapter, trims/elects, then SVD-truncates to rank 16 (run with svd_full_matrices=False: PEFT's default "
              "True computes the full U of a 14336×14336 matrix). Our TIES returns the dense ΔW without an SVD.",
              f"Threads: {args.threads} per framework. Peak MiB: extra peak RSS of the case's own process during the "
-             "timed call (the inputs are already built).",
+             "timed call (the inputs are already built); process peak MiB: getrusage(RUSAGE_SELF).ru_maxrss of the "
+             "case's process at exit (runtime + inputs + compile + both calls; every module's dense result is kept "
+             "in the result, so with several modules it grows by out×in×4 B per module).",
              "÷ columns: reference seconds ÷ row seconds (>1: the row is faster than that PEFT mode)."]
     common.write_table("merge", f"Merging {args.experts} experts at 7B shape: seconds (lower is better)",
-                       ["case", "s", "s/layer", "x32 layers s", "peak MiB", "PEFT cat ÷ row", "PEFT ties_svd ÷ row",
+                       ["case", "s", "s/layer", "x32 layers s", "peak MiB", "process peak MiB", "PEFT cat ÷ row", "PEFT ties_svd ÷ row",
                         "error"], rows, notes, extra={"results": results})
 
 

@@ -1,8 +1,11 @@
-"""Generalized symmetric eigensolver A v = λ B v by Cholesky reduction (batched, jitted) and
-the F_b-orthogonal top-k projector and spectral-shrinkage operator of SST-Merge."""
+"""Generalized symmetric eigensolver A v = λ B v (LAPACK on CPU, batched jitted Cholesky reduction on
+accelerators; ill-conditioning checks) and the F_b-orthogonal top-k projector and spectral-shrinkage
+operator of SST-Merge."""
 
-from sst_jax.linalg.gevp import check_positive_definite, generalized_eigh, generalized_eigh_traced
+from sst_jax.linalg.gevp import (ILL_CONDITIONED_THRESHOLD, IllConditionedError, check_positive_definite,
+                                 condition_estimate, generalized_eigh, generalized_eigh_traced, resolve_backend)
 from sst_jax.linalg.projection import fb_coordinates, project_topk, select_k, shrinkage
 
-__all__ = ["check_positive_definite", "generalized_eigh", "generalized_eigh_traced", "fb_coordinates", "project_topk",
+__all__ = ["ILL_CONDITIONED_THRESHOLD", "IllConditionedError", "check_positive_definite", "condition_estimate",
+           "generalized_eigh", "generalized_eigh_traced", "resolve_backend", "fb_coordinates", "project_topk",
            "select_k", "shrinkage"]

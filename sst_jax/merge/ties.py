@@ -13,18 +13,28 @@ With equal positive weights, or with majority_sign="total", this is PEFT's `ties
 
 Magnitude pruning: Σᵢ wᵢ·trimᵢ (PEFT's `magnitude_prune`).
 A safety adapter, when given, is one more task vector with weight α.
+
+Streaming. Per module, the task vectors are formed one at a time from their factors and never
+stacked: pass 1 trims each (its threshold is kept, a scalar) and accumulates the election
+score; pass 2 re-forms each ΔWᵢ, applies its threshold and accumulates the agreeing entries
+and their count. Peak memory is a few out × in float32 buffers whatever the number of
+adapters. The adapters of a module are visited in a canonical order (sorted by a content hash
+of their factors there, `expert_digest`), so the float sums, and hence the merge, are
+bitwise identical whatever order the adapters are listed in.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import functools
+import hashlib
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
+from sst_jax.models.branches import LowRank, ModuleKey
 
 SignMethod = Literal["weighted", "total", "frequency"]
 
@@ -41,6 +51,30 @@ def _kth_largest_bits(bits: jax.Array, k: int) -> jax.Array:
 
     lo, _ = jax.lax.fori_loop(0, 31, step, (jnp.uint32(0), jnp.uint32(1 << 31)))
     return lo
+
+
+def trim_threshold(x: jax.Array, density: float) -> jax.Array | None:
+    """The uint32 bit pattern of the k-th largest |x| (k = ⌊density·numel⌋): `magnitude_trim`
+    keeps the entries at or above it. None when density ≥ 1 (keep all); 2³² − 1 when k = 0."""
+    if density >= 1.0:
+        return None
+    if density < 0.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    k = int(density * x.size)
+    if k == 0:
+        return jnp.uint32(0xFFFFFFFF)
+    return _kth_largest_bits(_abs_bits(x), k)
+
+
+def _abs_bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)), jnp.uint32)
+
+
+def apply_threshold(x: jax.Array, threshold: jax.Array | None) -> jax.Array:
+    """x where |x| ≥ the threshold from `trim_threshold` (bits), else 0."""
+    if threshold is None:
+        return x
+    return jnp.where(_abs_bits(x) >= threshold, x, jnp.zeros_like(x))
 
 
 def magnitude_trim(x: jax.Array, density: float) -> jax.Array:
@@ -98,22 +132,143 @@ def magnitude_prune_tensors(tasks: jax.Array, weights: jax.Array, *, density: fl
     return jnp.tensordot(weights, trimmed, axes=1)
 
 
+# ----------------------------------------------------------------------------- streaming
+
+
+def expert_digest(lr: LowRank) -> bytes:
+    """Content hash of one adapter's factors at one module: BLAKE2b-128 over the float32 bytes
+    (C order) of A, B, the core (if any) and the scale, with their shapes. Same factors ⇒ same
+    digest on any machine; it identifies the expert independently of its list position."""
+    h = hashlib.blake2b(digest_size=16)
+    parts = [lr.a, lr.b] + ([lr.core] if lr.core is not None else []) + [lr.scale]
+    for x in parts:
+        arr = np.ascontiguousarray(np.asarray(x, np.float32))
+        h.update(repr(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.digest()
+
+
+def module_experts(inputs: MergeInputs, key: ModuleKey) -> list[tuple[bytes, LowRank, float]]:
+    """(digest, factors, weight) of every task vector that targets `key` (the safety adapter,
+    if any, with weight α), in canonical order: sorted by digest, then weight. Adapters that do
+    not target the module are zero there and contribute nothing to any TIES/DARE sum."""
+    adapters, weights, _ = inputs.task_vectors()
+    experts = [(expert_digest(a[key]), a[key], float(w)) for a, w in zip(adapters, weights) if key in a]
+    return sorted(experts, key=lambda e: (e[0], e[2]))
+
+
+@jax.jit
+def lowrank_delta(lr: LowRank) -> jax.Array:
+    """ΔW = s·B·C·A in float32 (jitted `LowRank.delta`)."""
+    return lr.delta()
+
+
+@functools.partial(jax.jit, static_argnames=("density",))
+def _trim_with_threshold(x: jax.Array, density: float):
+    t = trim_threshold(x, density)
+    return apply_threshold(x, t), t
+
+
+def _score_term(t: jax.Array, w: jax.Array, method: SignMethod) -> jax.Array:
+    if method == "weighted":
+        return w * t
+    if method == "total":
+        return t
+    if method == "frequency":
+        return jnp.sign(t)
+    raise ValueError(f"majority_sign must be 'weighted', 'total' or 'frequency', got {method!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("method",), donate_argnums=(0,))
+def accumulate_score(score: jax.Array, t: jax.Array, w: jax.Array, method: SignMethod) -> jax.Array:
+    """score + this task vector's election term."""
+    return score + _score_term(t, w, method)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def accumulate_agreeing(num: jax.Array, cnt: jax.Array, t: jax.Array, w: jax.Array, sign: jax.Array):
+    """(num + [sign(t) = sign]·w·t, cnt + [sign(t) = sign])."""
+    agree = (jnp.sign(t) == sign).astype(t.dtype)
+    return num + agree * w * t, cnt + agree
+
+
+@jax.jit
+def elected(score: jax.Array) -> jax.Array:
+    """±1 from an accumulated election score (a zero score elects +1)."""
+    return jnp.where(score >= 0, 1.0, -1.0).astype(score.dtype)
+
+
+@jax.jit
+def finish_disjoint(num: jax.Array, cnt: jax.Array) -> jax.Array:
+    return num / jnp.maximum(cnt, 1.0)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def accumulate_weighted(acc: jax.Array, t: jax.Array, w: jax.Array) -> jax.Array:
+    return acc + w * t
+
+
+def streaming_ties(shape: tuple[int, int], experts, task_fn, majority_sign: SignMethod) -> jax.Array:
+    """Sign election and disjoint merge over task vectors produced one at a time.
+
+    `task_fn(i, pass_no)` returns task vector i (already trimmed/dropped) for pass 0 or 1; it must
+    return the same tensor both times. `experts[i][2]` is its weight."""
+    score = jnp.zeros(shape, jnp.float32)
+    for i, (_, _, w) in enumerate(experts):
+        score = accumulate_score(score, task_fn(i, 0), jnp.float32(w), majority_sign)
+    sign = elected(score)
+    del score
+    num, cnt = jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
+    for i, (_, _, w) in enumerate(experts):
+        num, cnt = accumulate_agreeing(num, cnt, task_fn(i, 1), jnp.float32(w), sign)
+    return finish_disjoint(num, cnt)
+
+
+def _trimmed_tasks(experts, density: float):
+    """task_fn for `streaming_ties`: pass 0 trims and keeps each threshold; pass 1 reuses it."""
+    thresholds: dict[int, jax.Array | None] = {}
+
+    def task(i: int, pass_no: int) -> jax.Array:
+        delta = lowrank_delta(experts[i][1])
+        if pass_no == 0 or i not in thresholds:
+            t, thresholds[i] = _trim_with_threshold(delta, density) if density < 1.0 else (delta, None)
+            return t
+        return _apply(delta, thresholds[i]) if thresholds[i] is not None else delta
+
+    return task
+
+
+@jax.jit
+def _apply(x: jax.Array, threshold: jax.Array) -> jax.Array:
+    return apply_threshold(x, threshold)
+
+
 @register("ties", exact=False)
 def ties(inputs: MergeInputs, *, density: float = 0.2, majority_sign: SignMethod = "weighted") -> MergeResult:
     """TIES on dense ΔW per module. density: kept fraction per task vector (default 0.2, the
     paper's top-20%); majority_sign: "weighted" (default), "total" (PEFT) or "frequency"."""
+    if majority_sign not in ("weighted", "total", "frequency"):
+        raise ValueError(f"majority_sign must be 'weighted', 'total' or 'frequency', got {majority_sign!r}")
+    if density < 0.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
     dense = {}
     for key in inputs.keys:
-        tasks, w = inputs.stacked_deltas(key)
-        dense[key] = ties_tensors(tasks, w, density=density, majority_sign=majority_sign)
+        experts = module_experts(inputs, key)
+        dense[key] = streaming_ties(inputs.shapes[key], experts, _trimmed_tasks(experts, density), majority_sign)
     return make_result("ties", inputs, dense=dense, hparams=dict(density=density, majority_sign=majority_sign))
 
 
 @register("magnitude_prune", exact=False)
 def magnitude_prune(inputs: MergeInputs, *, density: float = 0.2) -> MergeResult:
     """Σ wᵢ·trim(ΔWᵢ) per module, trim keeping the top `density` |entries| (default 0.2)."""
+    if density < 0.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
     dense = {}
     for key in inputs.keys:
-        tasks, w = inputs.stacked_deltas(key)
-        dense[key] = magnitude_prune_tensors(tasks, w, density=density)
+        experts = module_experts(inputs, key)
+        task = _trimmed_tasks(experts, density)
+        acc = jnp.zeros(inputs.shapes[key], jnp.float32)
+        for i, (_, _, w) in enumerate(experts):
+            acc = accumulate_weighted(acc, task(i, 0), jnp.float32(w))
+        dense[key] = acc
     return make_result("magnitude_prune", inputs, dense=dense, hparams=dict(density=density))

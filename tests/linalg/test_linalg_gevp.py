@@ -1,4 +1,5 @@
-"""generalized_eigh against scipy.linalg.eigh(a, b) (LAPACK sygvd), which we did not write."""
+"""generalized_eigh against scipy.linalg.eigh(a, b) (LAPACK sygvd), which we did not write,
+on both backends (LAPACK on CPU, the XLA Cholesky reduction of accelerators)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,16 @@ import scipy.linalg
 
 from sst_jax.errors import NumericalError
 from sst_jax.linalg import check_positive_definite, generalized_eigh, generalized_eigh_traced
+from sst_jax.linalg.gevp import BACKEND_ENV
+
+BACKENDS = ("lapack", "reduction")
+
+
+@pytest.fixture(params=BACKENDS, autouse=True)
+def backend(request, monkeypatch):
+    """Every test runs on both paths, forced through the environment variable."""
+    monkeypatch.setenv(BACKEND_ENV, request.param)
+    return request.param
 
 
 def spd(rng, n, *, samples=None, scale=1.0):

@@ -7,8 +7,7 @@ import pytest
 
 from merge_helpers import dense_adapter, np_delta, random_adapter
 from sst_jax.merge import merge
-from sst_jax.merge.api import module_seed
-from sst_jax.merge.dare import keep_mask
+from sst_jax.merge.dare import expert_mask
 
 K = (0, "q_proj")
 T1 = np.array([[3.0, -1.0, 0.5], [-2.0, 4.0, 1.0]])
@@ -50,7 +49,8 @@ def test_dare_linear_matches_masks_rescaled_by_inverse_density():
     adapters = [dense_adapter({K: T1}), dense_adapter({K: T2})]
     res = merge("dare_linear", adapters, [1.0, 0.5], density=0.25, seed=3)
     base = jax.random.PRNGKey(3)
-    m1, m2 = (np.asarray(keep_mask(module_seed(base, K, i), T1.shape, 0.25)) for i in (0, 1))
+    # Each adapter's mask is keyed by its own factors at K (not by its list position).
+    m1, m2 = (np.asarray(expert_mask(base, K, a[K], 0.25)) for a in adapters)
     np.testing.assert_allclose(res.delta(K), (m1 * T1 + 0.5 * m2 * T2) / 0.25, atol=1e-6)
 
 
@@ -58,7 +58,7 @@ def test_dare_ties_matches_hand_computed_fixture_with_its_masks():
     adapters = [dense_adapter({K: T1}), dense_adapter({K: T2})]
     res = merge("dare_ties", adapters, [1.0, 1.0], density=0.5, seed=1)
     base = jax.random.PRNGKey(1)
-    d1, d2 = (np.asarray(keep_mask(module_seed(base, K, i), T1.shape, 0.5)) * t / 0.5 for i, t in enumerate((T1, T2)))
+    d1, d2 = (np.asarray(expert_mask(base, K, a[K], 0.5)) * t / 0.5 for a, t in zip(adapters, (T1, T2)))
     sign = np.where(d1 + d2 >= 0, 1.0, -1.0)
     agree1, agree2 = np.sign(d1) == sign, np.sign(d2) == sign
     want = (agree1 * d1 + agree2 * d2) / np.maximum(agree1 + agree2, 1)

@@ -14,7 +14,7 @@ import torch
 import jax
 from merge_helpers import dense_adapter, random_adapter
 from sst_jax.merge import merge
-from sst_jax.merge.dare import module_masks
+from sst_jax.merge.dare import expert_mask
 from sst_jax.merge.peft_factors import factor_masks
 from sst_jax.models.branches import parse_module_path
 
@@ -68,8 +68,10 @@ def _patch_random_pruning(monkeypatch, table):
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_dare_matches_peft_merge_utils_given_the_same_masks(rng, monkeypatch, method):
     tasks, weights = _three_tasks(rng), [0.6, 0.6, 0.6]
-    res = merge(method, [dense_adapter({K: t}) for t in tasks], weights, density=0.4, seed=5)
-    masks = np.asarray(module_masks(jax.random.PRNGKey(5), K, (6, 9), 3, 0.4))
+    adapters = [dense_adapter({K: t}) for t in tasks]
+    res = merge(method, adapters, weights, density=0.4, seed=5)
+    # Our masks (keyed by each adapter's factors), fed to PEFT in place of its torch.bernoulli.
+    masks = [np.asarray(expert_mask(jax.random.PRNGKey(5), K, a[K], 0.4)) for a in adapters]
     _patch_random_pruning(monkeypatch, [(_t(t), m) for t, m in zip(tasks, masks)])
     fn = getattr(merge_utils, method)
     args = (0.4, "total") if method == "dare_ties" else (0.4,)

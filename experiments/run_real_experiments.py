@@ -71,6 +71,16 @@ flags.DEFINE_bool("export_adapters", False,
                   "Also write the merged adapter of every configuration evaluated, as a PEFT folder "
                   "with its merge_report.json, under <output_dir>/adapters/<model>/ (dense methods "
                   "SVD-truncated at the inputs' total rank, the error reported).")
+flags.DEFINE_string("mesh", None,
+                    "Device mesh data=D,fsdp=F,tensor=T for the weights (default: every local device "
+                    "on data; one device is 1x1x1). FSDP/tensor split the weights of models that do "
+                    "not fit one device (sst_jax.models.sharding).")
+flags.DEFINE_bool("dry_run", False,
+                  "Print the per-device memory plan (weights, LoRA, optimizer, Fisher activations at "
+                  "the configured chunk, KV cache and generation batch) for --model and --mesh, say "
+                  "whether it fits, and exit without loading weights (hub presets, HF folders).")
+flags.DEFINE_float("device_gb", None, "Device memory for --dry_run in GB (default: the first "
+                   "device's, or 80 GB when it cannot be read).")
 flags.DEFINE_string("log_file", None,
                     "Also write the log here (default: <output_dir>/logs/run-<time>.log; '' disables).")
 

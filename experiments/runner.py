@@ -20,7 +20,9 @@ from sst_jax.errors import CheckpointError, SstJaxError
 from sst_jax.eval.judge import KeywordRefusalJudge
 from sst_jax.merge import get_method
 from sst_jax.models import load_model
-from sst_jax.models.api import HUB_PRESETS
+from sst_jax.models.api import HUB_PRESETS, model_config
+from sst_jax.models.memory import memory_plan
+from sst_jax.models.sharding import parse_mesh, place_model
 
 EXPERIMENTS = {"exp1": exp1_safety_tax, "exp2": exp2_multitask, "exp3": exp3_baseline}
 MODEL_GROUPS = {"all": ("mistral-7b", "llama-3.1-8b", "qwen-2.5-14b")}
@@ -45,6 +47,9 @@ class RunSettings:
     external_adapters: tuple[tuple[str, str], ...]
     export_adapters: bool
     log_file: str | None
+    mesh: tuple[tuple[str, int], ...] = (("data", 1), ("fsdp", 1), ("tensor", 1))
+    dry_run: bool = False
+    device_gb: float | None = None
 
     @classmethod
     def from_flags(cls, flags) -> "RunSettings":
@@ -59,7 +64,9 @@ class RunSettings:
                    beavertails_path=flags.beavertails_path, mmlu_path=flags.mmlu_path, benign_path=flags.benign_path,
                    judge=flags.judge, external_adapters=tuple(parse_adapter_flags(flags.safety_adapter,
                                                                                   flags.utility_adapters).items()),
-                   export_adapters=flags.export_adapters, log_file=flags.log_file)
+                   export_adapters=flags.export_adapters, log_file=flags.log_file,
+                   mesh=tuple(parse_mesh(getattr(flags, "mesh", None)).items()),
+                   dry_run=bool(getattr(flags, "dry_run", False)), device_gb=getattr(flags, "device_gb", None))
 
 
 def _looks_like_hub_id(value: str) -> bool:
@@ -68,6 +75,10 @@ def _looks_like_hub_id(value: str) -> bool:
 
 def run_from_flags(flags) -> int:
     settings = RunSettings.from_flags(flags)
+    if settings.dry_run:
+        for model_name in settings.models:
+            print(dry_run_plan(model_name, settings).format())
+        return 0
     log_path = attach_log_file(settings)
     written = []
     for model_name in settings.models:
@@ -138,7 +149,7 @@ def run_model(model_name: str, settings: RunSettings) -> list[Path]:
                                       mmlu_path=settings.mmlu_path, benign_path=settings.benign_path)
                       for s in seeds}
     t0 = time.perf_counter()
-    model = load_base(model_name, settings.dtype)
+    model = place_model(load_base(model_name, settings.dtype), dict(settings.mesh))
     logging.info("loaded %s in %.1fs", model_name, time.perf_counter() - t0)
     benches = {}
     for s in seeds:
@@ -170,6 +181,28 @@ def run_model(model_name: str, settings: RunSettings) -> list[Path]:
         report.print_summary(exp, payload)
         written.append(path)
     return written
+
+
+def dry_run_plan(model_name: str, settings: RunSettings):
+    """The memory plan of this run's heaviest phases for one model, without loading weights."""
+    cfg = load_config(settings.mode, model_name, settings.config_path)
+    config = model_config(model_name)
+    lcfg, tcfg, gcfg, fcfg = cfg["lora"], cfg["train_safety"], cfg["generation"], cfg["fisher"]
+    top = lcfg.get("layers_from_top")
+    layers = None if not top or top >= config.n_layers else range(config.n_layers - int(top), config.n_layers)
+    dtype = settings.dtype or default_dtype()
+    device_bytes = int(settings.device_gb * 1e9) if settings.device_gb else device_memory_bytes()
+    return memory_plan(config, mesh_shape=dict(settings.mesh), dtype=dtype, lora_r=int(lcfg["r"]),
+                       lora_targets=tuple(lcfg["targets"]), lora_layers=None if layers is None else list(layers),
+                       batch_size=int(tcfg["batch_size"]), seq_len=int(tcfg.get("max_length", 512)),
+                       fisher_chunk=int(fcfg.get("chunk", 8)), gen_batch=int(gcfg["batch_size"]),
+                       max_new_tokens=int(gcfg["max_new_tokens"]), device_bytes=device_bytes, name=model_name)
+
+
+def device_memory_bytes() -> int:
+    """The first device's memory (80 GB when the backend does not say, e.g. on CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("bytes_limit", 80e9))
 
 
 def check_methods(cfg: dict) -> None:

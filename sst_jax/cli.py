@@ -12,15 +12,27 @@ Every input is checked before any compute; errors are one line (a traceback with
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from absl import flags, logging
 
+from sst_jax import pipeline
+from sst_jax.data import embedded
 from sst_jax.errors import SstJaxError
+from sst_jax.eval.scoring import score
+from sst_jax.io_utils import atomic_write_json, atomic_write_text
+from sst_jax.lora.peft_io import load_peft
+from sst_jax.merge import get_method, list_methods
+from sst_jax.models import load_model
+from sst_jax.models.api import model_config
+from sst_jax.models.memory import memory_plan
+from sst_jax.models.sharding import parse_mesh, place_model
 
 HELP = {"-h", "--help", "-?", "--helpshort", "--helpfull"}
 
@@ -69,6 +81,10 @@ def _merge_flags() -> flags.FlagValues:
     flags.DEFINE_bool("overwrite", False, "Replace an existing --output folder (atomically).", **d)
     flags.DEFINE_bool("accept_base_mismatch", False, "Merge even when an adapter's recorded base model differs "
                       "from --model in architecture (at your own risk).", **d)
+    flags.DEFINE_string("mesh", None, "Device mesh data=D,fsdp=F,tensor=T for the base weights (default: every "
+                        "local device on data; FSDP/tensor split a model that does not fit one device).", **d)
+    flags.DEFINE_bool("dry_run", False, "Print the per-device memory plan of this merge (weights, Fisher pass at "
+                      "the chunk, base-answer generation) for --model and --mesh, and exit.", **d)
     flags.DEFINE_integer("verbosity", 0, "0: one-line errors, INFO logs off; 1: tracebacks and INFO logs.", **d)
     return fv
 
@@ -113,8 +129,6 @@ def merge_settings(fv: flags.FlagValues) -> dict:
         text = path.read_text(encoding="utf-8")
         try:
             if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-
                 cfg = yaml.safe_load(text) or {}
             else:
                 cfg = json.loads(text)
@@ -202,7 +216,6 @@ def _hparams(value: Any) -> dict:
 
 
 def list_methods_text() -> str:
-    from sst_jax.merge import get_method, list_methods
 
     lines = []
     for name in list_methods():
@@ -225,8 +238,6 @@ def run_merge(argv: list[str]) -> int:
     if fv.list_methods:
         print(list_methods_text())
         return 0
-    from sst_jax import pipeline
-    from sst_jax.merge import get_method
 
     settings = merge_settings(fv)
     paths, weights, data = _utilities(settings)
@@ -246,19 +257,24 @@ def run_merge(argv: list[str]) -> int:
                           "or --format hf")
     if rank is not None and int(rank) <= 0:
         raise SstJaxError(f"--rank must be positive, got {rank}")
+    mesh = parse_mesh(settings.get("mesh"))
+    if fv.dry_run:
+        plan = merge_plan(str(settings["model"]), mesh, hparams, settings)
+        print(plan.format())
+        return 0 if plan.fits else 3
     utility_data = None if not any(d is not None for d in data) else data
     evaluate = bool(settings.get("evaluate"))
     held_out = None
     if evaluate and utility_data is not None:
         utility_data, held_out = _split_held_out(utility_data)
-    from sst_jax.models import load_model
 
     # Everything that can be checked without the model, before loading it (minutes at 7B).
     pipeline.check_request(utility=paths, safety=settings.get("safety"), method=method, weights=weights,
                            harmful=settings.get("harmful"), benign=settings.get("benign"),
                            utility_data=utility_data, hparams=hparams,
                            fisher_samples=int(settings["fisher_samples"]))
-    model = load_model(str(settings["model"]), dtype=settings.get("dtype") or pipeline.default_dtype())
+    model = place_model(load_model(str(settings["model"]), dtype=settings.get("dtype") or pipeline.default_dtype()),
+                        mesh)
     result = pipeline.merge_adapters(
         model, utility=paths, safety=settings.get("safety"), method=method, alpha=float(settings["alpha"]),
         weights=weights, harmful=settings.get("harmful"), benign=settings.get("benign"), utility_data=utility_data,
@@ -276,8 +292,18 @@ def run_merge(argv: list[str]) -> int:
     return 0
 
 
+def merge_plan(model_name: str, mesh: dict, hparams: dict, settings: dict):
+    """Memory plan of a merge: the Fisher pass (LoRA-sized core gradients; no optimizer) and the
+    base-answer generation, on this mesh."""
+
+    config = model_config(model_name)
+    chunk = int(hparams.get("chunk", 8))
+    return memory_plan(config, mesh_shape=mesh, dtype=settings.get("dtype") or pipeline.default_dtype(),
+                       batch_size=chunk, seq_len=512, fisher_chunk=chunk, gen_batch=8,
+                       max_new_tokens=pipeline.BENIGN_ANSWER_TOKENS, name=model_name)
+
+
 def _split_held_out(datasets: list) -> tuple[list, list]:
-    from sst_jax import pipeline
 
     fit, held = [], []
     for i, d in enumerate(datasets):
@@ -293,10 +319,6 @@ def _split_held_out(datasets: list) -> tuple[list, list]:
 
 def evaluate_against_inputs(model, result, utility_paths, safety_path, held_out, *, n: int, seed: int) -> dict:
     """Scores of the merge and of each input adapter alone (and the base) on held-out prompts."""
-    from sst_jax.data import embedded
-    from sst_jax.eval.scoring import score
-    from sst_jax.lora.peft_io import load_peft
-
     harmful = [p.text for p in embedded.harmful_prompts("test")][:n]
     benign = [p.text for p in embedded.benign_prompts("test")][:n]
     utility = [(e.prompt, e.response) for group in (held_out or []) for e in group]
@@ -329,11 +351,6 @@ def run_evaluate(argv: list[str]) -> int:
     fv = _evaluate_flags()
     fv(argv)
     _logging(fv.verbosity)
-    from sst_jax import pipeline
-    from sst_jax.data import embedded
-    from sst_jax.eval.scoring import score
-    from sst_jax.io_utils import atomic_write_json, atomic_write_text
-    from sst_jax.models import load_model
 
     if not fv.output:
         raise SstJaxError("--output DIR is required (scores.json and scores.md are written there)")
@@ -361,11 +378,8 @@ def run_evaluate(argv: list[str]) -> int:
 
 def _logging(verbosity: int) -> None:
     logging.set_verbosity(logging.INFO if verbosity >= 1 else logging.WARNING)
-    import logging as std
-
-    for name in ("absl", "orbax", "jax", "transformers"):
-        if name != "absl":
-            std.getLogger(name).setLevel(std.WARNING)
+    for name in ("orbax", "jax", "transformers"):
+        std_logging.getLogger(name).setLevel(std_logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata as md
 import os
 import pickle
 import sys
@@ -423,18 +424,17 @@ def write_merge(result: MergeResult, output: str | os.PathLike, *, format: str =
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
     out = {"python": sys.version.split()[0]}
     for pkg in ("jax", "jaxlib", "flax", "numpy"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    from sst_jax import __version__
-
-    out["sst_jax"] = __version__
+    out["sst_jax"] = SST_JAX_VERSION
     return out
+
+
+SST_JAX_VERSION = "0.1.0"  # = sst_jax.__version__ (which imports this module) and pyproject's version
 
 
 def report_markdown(report: dict) -> str:

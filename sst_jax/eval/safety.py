@@ -24,7 +24,9 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from sst_jax.data.chat import collate, encode_chat, encode_plain, encode_prompt
+from sst_jax.data.embedded import refusal_for
 from sst_jax.data.sources import Prompt
+from sst_jax.data.utility_tasks import matches_answer
 from sst_jax.eval.judge import Judge, KeywordRefusalJudge, is_degenerate
 from sst_jax.eval.metrics import Estimate, bootstrap_interval, proportion
 from sst_jax.models import forward, generate, response_nll
@@ -157,8 +159,6 @@ def evaluate_generative(model, params, examples: Sequence[tuple[str, str]], *, b
                         desc: str = "exact-match") -> GenerativeResult:
     """Exact-match accuracy of greedy chat answers to (prompt, answer) pairs (utility tasks in
     generative form; `utility_tasks.matches_answer` compares the first line)."""
-    from sst_jax.data.utility_tasks import matches_answer
-
     prompts = [p for p, _ in examples]
     responses = generate_responses(model, params, prompts, branches=branches,
                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -223,8 +223,6 @@ def refusal_nll(model, params, prompts: Sequence[Prompt | str], *, targets: Sequ
 
     targets default to `sst_jax.data.embedded.refusal_for(prompt)`, the training targets.
     """
-    from sst_jax.data.embedded import refusal_for
-
     texts = [p.text for p in _as_prompts(prompts)]
     targets = [refusal_for(t) for t in texts] if targets is None else list(targets)
     if len(targets) != len(texts):

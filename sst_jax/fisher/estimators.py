@@ -40,7 +40,7 @@ from absl import logging
 from jax.sharding import Mesh, PartitionSpec
 from tqdm.auto import tqdm
 
-from sst_jax.fisher.per_sample import FisherStats, _pad, accumulate
+from sst_jax.fisher.per_sample import FisherStats, pad_block, accumulate
 from sst_jax.models import forward
 from sst_jax.models.branches import Branches, LowRank, ModuleKey, OutputTap, add_branches
 from sst_jax.models.loss import response_nll
@@ -350,7 +350,7 @@ def _tap_pass(update, tap_loss_fn, fixed, batches: Iterable[Any], out_dims: Mapp
     start = time.perf_counter()
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
     for block in batches:
-        block, mask, n = _pad(block, chunk * n_dev)
+        block, mask, n = pad_block(block, chunk * n_dev)
         sums = step(fixed, block, mask)
         acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
         jax.block_until_ready(acc)

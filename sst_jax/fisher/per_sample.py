@@ -152,7 +152,7 @@ def _compiled_step(loss_fn, stats, chunk, remat, groups_items, mesh, axis):
                                  out_specs=(rep, shard), check_vma=False))
 
 
-def _pad(block: PyTree, multiple: int) -> tuple[PyTree, np.ndarray, int]:
+def pad_block(block: PyTree, multiple: int) -> tuple[PyTree, np.ndarray, int]:
     n = int(jax.tree.leaves(block)[0].shape[0])
     size = -(-n // multiple) * multiple
     pad = lambda x: np.concatenate([np.asarray(x), np.repeat(np.asarray(x)[-1:], size - n, 0)])  # noqa: E731
@@ -191,7 +191,7 @@ def accumulate(loss_fn: LossFn, trainable: PyTree, batches: Iterable[PyTree], *,
     start = time.perf_counter()
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
     for block in batches:
-        block, mask, n = _pad(block, chunk * n_dev)
+        block, mask, n = pad_block(block, chunk * n_dev)
         sums, g = step(trainable, fixed, block, mask)
         acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
         if "gram" in stats:

@@ -29,7 +29,7 @@ class LoraFactors:
     b: jax.Array
 
 
-def _freeze_pattern(pattern: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> tuple:
+def freeze_pattern(pattern: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> tuple:
     if pattern is None:
         return ()
     items = pattern.items() if isinstance(pattern, Mapping) else pattern
@@ -159,7 +159,7 @@ def init_lora(key: jax.Array, config, *, targets: Sequence[str], r: int, alpha: 
     if bad:
         raise AdapterError(f"layers {bad} out of range for a base model with {n_layers} layers")
     meta = AdapterMeta(base_model=base_model, targets=targets, r=int(r), alpha=float(alpha),
-                       rank_pattern=_freeze_pattern(rank_pattern), alpha_pattern=_freeze_pattern(alpha_pattern),
+                       rank_pattern=freeze_pattern(rank_pattern), alpha_pattern=freeze_pattern(alpha_pattern),
                        use_rslora=bool(use_rslora), dtype=str(jnp.dtype(dtype)), name=name,
                        layers=None if layers is None else layer_list)
     shapes = module_shapes(config)

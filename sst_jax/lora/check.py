@@ -27,6 +27,7 @@ from absl import logging
 
 from sst_jax.errors import AdapterMismatchError
 from sst_jax.lora.adapter import AdapterMeta, LoraAdapter, module_shapes
+from sst_jax.models.api import HUB_PRESETS
 from sst_jax.models.branches import MODULE_NAMES, hf_module_path
 
 FINGERPRINT_KEY = "sst_jax_base_fingerprint"  # our extra key in adapter_config.json
@@ -95,8 +96,6 @@ def describe_fingerprint(fp: Mapping[str, Any]) -> str:
 
 
 def _canonical(name: str) -> str:
-    from sst_jax.models.api import HUB_PRESETS
-
     name = name.rstrip("/").lower()
     presets = {**{k: v.lower() for k, v in HUB_PRESETS.items()}, **_PRESET_IDS}
     return presets.get(name, name)

@@ -26,8 +26,8 @@ from safetensors.numpy import load_file, save_file
 
 from sst_jax.errors import AdapterError
 from sst_jax.io_utils import atomic_directory, ensure_readable, pause_point, permission_denied, recover_directory
-from sst_jax.lora.adapter import AdapterMeta, LoraAdapter, LoraFactors, _freeze_pattern
-from sst_jax.lora.check import FINGERPRINT_FIELDS, FINGERPRINT_KEY, adapter_fingerprint, base_fingerprint, \
+from sst_jax.lora.adapter import AdapterMeta, LoraAdapter, LoraFactors, freeze_pattern
+from sst_jax.lora.check import FINGERPRINT_FIELDS, check_compatible, FINGERPRINT_KEY, adapter_fingerprint, base_fingerprint, \
     with_fingerprint
 from sst_jax.models.branches import MODULE_NAMES, ModuleKey, hf_module_path, parse_module_path
 
@@ -169,8 +169,8 @@ def load_peft(directory: str | os.PathLike, *, name: str | None = None) -> LoraA
         base_model=config.get("base_model_name_or_path"),
         targets=tuple(sorted({k[1] for k in pairs}, key=MODULE_NAMES.index)),
         r=int(config["r"]), alpha=float(config["lora_alpha"]),
-        rank_pattern=_freeze_pattern(config.get("rank_pattern") or {}),
-        alpha_pattern=_freeze_pattern(config.get("alpha_pattern") or {}),
+        rank_pattern=freeze_pattern(config.get("rank_pattern") or {}),
+        alpha_pattern=freeze_pattern(config.get("alpha_pattern") or {}),
         use_rslora=bool(config.get("use_rslora", False)),
         dtype=str(next(iter(tensors.values())).dtype),
         name=name or directory.name,
@@ -274,8 +274,6 @@ def save_peft(adapter: LoraAdapter, directory: str | os.PathLike, *, base_config
     """
     directory = Path(directory)
     if base_config is not None:
-        from sst_jax.lora.check import check_compatible
-
         check_compatible(adapter, base_config)
         fingerprint = base_fingerprint(base_config, hub_id=base_hub_id or adapter.meta.base_model)
     else:

@@ -13,6 +13,7 @@ from absl import logging
 from sst_jax.errors import CheckpointError, SstJaxError
 from sst_jax.io_utils import ensure_readable, permission_denied, recover_directory
 from sst_jax.models.checkpoint import load_gguf, load_safetensors, safetensors_files
+from sst_jax.models.memory import PRESET_CONFIGS
 from sst_jax.models.config import DecoderConfig
 from sst_jax.models.llama import Params, init_params
 from sst_jax.models.tokenizer import check_tokenizer, gguf_tokenizer, tiny_tokenizer
@@ -222,3 +223,16 @@ def load_model(name_or_path: str, *, dtype: str = "float32", seed: int = 0, **ti
         return load_hf_dir(download(name_or_path), dtype=dtype, name=name_or_path)
     raise CheckpointError(f"unknown model {name_or_path!r}: not a preset {PRESETS}, a local "
                           "directory, a .gguf file, or an 'owner/name' hub id")
+
+
+def model_config(name_or_path: str) -> DecoderConfig:
+    """The architecture of a model without loading its weights where that is possible: hub
+    presets from their published shapes, local HF folders from config.json; other sources (the
+    small embedded presets, .gguf files) are loaded."""
+    if name_or_path in PRESET_CONFIGS:
+        return PRESET_CONFIGS[name_or_path]
+    if os.path.isdir(name_or_path) and os.path.isfile(os.path.join(name_or_path, "config.json")):
+        from transformers import AutoConfig
+
+        return DecoderConfig.from_hf(AutoConfig.from_pretrained(name_or_path), source=name_or_path)
+    return load_model(name_or_path).config

@@ -8,6 +8,7 @@ XLA's SPMD partitioner inserts the collectives; the math is the single-device fo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping
 
@@ -87,3 +88,32 @@ def shard_params(params: Params, mesh: Mesh, *, strict: bool = False) -> Params:
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of (batch, seq, ...) activations / token ids: batch over data × fsdp."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def parse_mesh(spec: str | None, n_devices: int | None = None) -> dict[str, int]:
+    """{"data": D, "fsdp": F, "tensor": T} from "data=D,fsdp=F,tensor=T" (missing axes are 1;
+    None or "" puts every local device on `data`). One code path: one device is 1×1×1."""
+    n = jax.local_device_count() if n_devices is None else n_devices
+    if not spec:
+        return {"data": n, "fsdp": 1, "tensor": 1}
+    out = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in spec.split(","):
+        axis, sep, size = part.partition("=")
+        axis = axis.strip()
+        if not sep or axis not in out or not size.strip().isdigit() or int(size) < 1:
+            raise ValueError(f"--mesh {spec!r}: expected data=D,fsdp=F,tensor=T with positive sizes "
+                             f"(e.g. data=2,fsdp=2,tensor=2); got {part!r}")
+        out[axis] = int(size)
+    if math.prod(out.values()) > n:
+        raise ValueError(f"--mesh {spec!r} needs {math.prod(out.values())} devices; this host has {n} "
+                         f"({jax.default_backend()}): use fewer, or XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU")
+    return out
+
+
+def place_model(model, mesh_shape: Mapping[str, int]):
+    """The model with its weights placed on a (data, fsdp, tensor) mesh by `param_specs`
+    (a 1×1×1 mesh returns it unchanged)."""
+    if math.prod(mesh_shape.values()) == 1:
+        return model
+    mesh = make_mesh(data=mesh_shape["data"], fsdp=mesh_shape["fsdp"], tensor=mesh_shape["tensor"])
+    return dataclasses.replace(model, params=shard_params(model.params, mesh))

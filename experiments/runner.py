@@ -212,6 +212,8 @@ def check_methods(cfg: dict) -> None:
             get_method(method)
     for method, hp in cfg.get("hparams", {}).items():
         get_method(method).parse_hparams(hp)
+    if cfg.get("safety_adapter", "selective") not in ("selective", "refusal_only"):
+        raise SstJaxError(f"config safety_adapter must be 'selective' or 'refusal_only', got {cfg['safety_adapter']!r}")
 
 
 def load_base(model_name: str, dtype: str | None):

@@ -91,9 +91,32 @@ def _up_to(make, domain: str, split: str, n: int, seed: int) -> tuple:
             logging.warning("utility domain %s has fewer %s items than asked; using %d", domain, split, n)
 
 
+def _carve(items: Sequence[str], n_train: int, n_validation: int, seed: int,
+           what: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(train, validation) from one training pool: validation is the last `n_validation` of the
+    pool's seeded order and train the first `n_train` of the rest, so a validation run trains on
+    exactly the prompts the real run trains on whenever n_train ≤ len(pool) − n_validation."""
+    items = list(dict.fromkeys(items))
+    if n_validation >= len(items):
+        raise DatasetError(f"{what}: {len(items)} training prompts cannot hold a validation split of "
+                           f"{n_validation}")
+    order = np.random.default_rng([seed, len(items)]).permutation(len(items))
+    rest = [items[i] for i in order[: len(items) - n_validation]]
+    if len(rest) < n_train:
+        logging.warning("%s: only %d prompts left beside the validation split for %d requested",
+                        what, len(rest), n_train)
+    return tuple(rest[:n_train]), tuple(items[i] for i in order[len(items) - n_validation:])
+
+
 def build_splits(cfg: dict, *, seed: int, beavertails_path: str | None = None,
-                 mmlu_path: str | None = None, benign_path: str | None = None) -> Splits:
-    """Held-out test prompts never appear in training or Fisher data."""
+                 mmlu_path: str | None = None, benign_path: str | None = None,
+                 validation: int = 0) -> Splits:
+    """Held-out test prompts never appear in training or Fisher data.
+
+    validation=n > 0 tunes without touching the test prompts: harmful_test / benign_test are
+    then n prompts of each *training* pool (the last n of its seeded order) that training
+    does not see, and the test pools are not read at all.
+    """
     d = cfg["data"]
     sources = {}
     if beavertails_path:  # BeaverTails' own splits: train prompts never reach evaluation
@@ -113,10 +136,15 @@ def build_splits(cfg: dict, *, seed: int, beavertails_path: str | None = None,
         b_train_all = [p.text for p in embedded.benign_prompts("train")]
         b_test_all = [p.text for p in embedded.benign_prompts("test")]
         sources["benign"] = "sst-jax benign prompts incl. harmless look-alikes (sst_jax/data/assets)"
-    h_train = _take(h_train_all, d["harmful_train"], seed, "harmful train")
-    h_test = _take(h_test_all, d["harmful_test"], 0, "harmful test")
-    b_train = _take(b_train_all, d["benign_train"], seed, "benign train")
-    b_test = _take(b_test_all, d["benign_test"], 0, "benign test")
+    if validation > 0:
+        h_train, h_test = _carve(h_train_all, d["harmful_train"], validation, seed, "harmful train")
+        b_train, b_test = _carve(b_train_all, d["benign_train"], validation, seed, "benign train")
+        sources["validation"] = f"harmful_test/benign_test are {validation} held-back training prompts each"
+    else:
+        h_train = _take(h_train_all, d["harmful_train"], seed, "harmful train")
+        h_test = _take(h_test_all, d["harmful_test"], 0, "harmful test")
+        b_train = _take(b_train_all, d["benign_train"], seed, "benign train")
+        b_test = _take(b_test_all, d["benign_test"], 0, "benign test")
     assert not (set(h_train) & set(h_test)) and not (set(b_train) & set(b_test))
 
     n_tr, n_te = d["utility_train_per_domain"], d["utility_test_per_domain"]
@@ -234,18 +262,28 @@ class Workbench:
         return self.cache.get_or_compute("base_answers", recipe, compute)
 
     def safety_adapter(self) -> LoraAdapter:
-        """S: harmful → refusal, harmless look-alikes → the base model's own answers."""
+        """S, by cfg["safety_adapter"]:
+
+        "selective" (default): harmful → refusal and harmless look-alikes → the base model's own
+            greedy answers, so S learns when to refuse, not only how (DESIGN §9).
+        "refusal_only": harmful → refusal only, the original's setting; kept as a stress test
+            (such an S refuses benign prompts too, so no merge can keep any selectivity).
+        """
         if "safety" in self.external_adapters:  # the user's own S: nothing to generate or train
             return self._train_or_load("safety", {}, [])
+        variant = self.cfg.get("safety_adapter", "selective")
+        if variant not in ("selective", "refusal_only"):
+            raise DatasetError(f"safety_adapter must be 'selective' or 'refusal_only', got {variant!r}")
         s = self.splits
         refusals = [embedded.refusal_for(p) for p in s.harmful_train]
-        benign_targets = self.base_answers(s.benign_train)
-        recipe = {"kind": "safety", "model": self.model_id(), "lora": self.cfg["lora"],
+        recipe = {"kind": "safety", "variant": variant, "model": self.model_id(), "lora": self.cfg["lora"],
                   "train": self.cfg["train_safety"], "seed": self.seed,
-                  "harmful": list(s.harmful_train), "refusals": refusals,
-                  "benign": list(s.benign_train), "benign_targets": benign_targets}
+                  "harmful": list(s.harmful_train), "refusals": refusals}
         examples = [("chat", p, r) for p, r in zip(s.harmful_train, refusals)]
-        examples += [("chat", p, r) for p, r in zip(s.benign_train, benign_targets)]
+        if variant == "selective":
+            benign_targets = self.base_answers(s.benign_train)
+            recipe.update(benign=list(s.benign_train), benign_targets=benign_targets)
+            examples += [("chat", p, r) for p, r in zip(s.benign_train, benign_targets)]
         return self._train_or_load("safety", recipe, self._encode(examples))
 
     def expert(self, domain: str) -> LoraAdapter:

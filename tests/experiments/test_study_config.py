@@ -1,0 +1,90 @@
+"""configs/study.json, merged over minimal as `--mode minimal --config configs/study.json`
+does, asks for what the study needs (counts, seeds, methods), and the splits it builds hold."""
+
+from pathlib import Path
+
+import pytest
+
+from experiments.common import load_config
+from experiments.runner import check_methods
+from experiments.workbench import build_splits
+from sst_jax.data import embedded
+
+STUDY = str(Path(__file__).resolve().parents[2] / "configs" / "study.json")
+ALL_METHODS = {"task_arithmetic", "ties", "dare_ties", "agl", "fisher", "sst", "sst_guard"}
+
+
+@pytest.fixture(scope="module")
+def study():
+    return load_config("minimal", "smollm2-135m", STUDY)
+
+
+@pytest.fixture(scope="module")
+def minimal():
+    return load_config("minimal", "smollm2-135m")
+
+
+def test_study_has_three_seeds(study):
+    assert len(set(study["seeds"])) == 3
+
+
+def test_study_asks_for_at_least_200_held_out_prompts_of_each_kind(study):
+    assert study["data"]["harmful_test"] >= 200 and study["data"]["benign_test"] >= 200
+
+
+def test_study_splits_use_every_embedded_test_prompt_when_fewer_than_asked(study):
+    splits = build_splits(study, seed=0)
+    assert len(splits.harmful_test) == min(study["data"]["harmful_test"], len(embedded.harmful_prompts("test")))
+    assert len(splits.harmful_test) >= 200
+    assert len(splits.benign_test) == min(study["data"]["benign_test"],
+                                          len(set(p.text for p in embedded.benign_prompts("test"))))
+
+
+def test_study_has_100_utility_items_per_domain(study):
+    assert study["data"]["utility_test_per_domain"] >= 100
+    splits = build_splits(study, seed=0)
+    assert all(len(v) >= 100 for v in splits.gen_test.values())
+
+
+def test_study_sweeps_at_least_five_alphas(study):
+    assert len(set(study["exp3"]["alphas"])) >= 5
+
+
+def test_study_runs_every_method(study):
+    assert ALL_METHODS <= set(study["exp1"]["methods"])
+    assert ALL_METHODS | {"sst_multi"} <= set(study["exp2"]["methods"])
+    assert ALL_METHODS <= set(study["exp3"]["methods"])
+    check_methods(study)  # every name and hyper-parameter resolves in the registry
+
+
+def test_study_fishers_use_more_samples_than_minimal(study, minimal):
+    for key in ("harmful_samples", "benign_samples"):
+        assert study["fisher"][key] > minimal["fisher"][key]
+
+
+def test_study_states_its_wall_time_estimate(study):
+    assert "h" in study["description"] and "estimate" in study["description"].lower()
+
+
+def test_study_keeps_the_selective_safety_adapter(study):
+    assert study.get("safety_adapter", "selective") == "selective"
+
+
+# The validation split the default S recipe was tuned on (build_splits(validation=n)).
+
+def test_validation_prompts_come_from_the_training_pools_and_are_not_trained_on(minimal):
+    val = build_splits(minimal, seed=0, validation=32)
+    test = build_splits(minimal, seed=0)
+    assert len(val.harmful_test) == len(val.benign_test) == 32
+    assert not set(val.harmful_test) & set(val.harmful_train)
+    assert not set(val.benign_test) & set(val.benign_train)
+    harmful_pool = {p.text for p in embedded.harmful_prompts("train")}
+    benign_pool = {p.text for p in embedded.benign_prompts("train")}
+    assert set(val.harmful_test) <= harmful_pool and set(val.benign_test) <= benign_pool
+    assert not set(val.harmful_test) & set(test.harmful_test)
+
+
+def test_validation_run_trains_on_the_real_runs_training_prompts(minimal):
+    val = build_splits(minimal, seed=0, validation=32)
+    test = build_splits(minimal, seed=0)
+    assert val.harmful_train == test.harmful_train and val.benign_train == test.benign_train

@@ -62,9 +62,11 @@ flags.DEFINE_list("utility_adapters", [],
                   "DOMAIN=DIR entries (DOMAIN: an MMLU subject with --mmlu_path, or an embedded "
                   "utility domain), e.g. abstract_algebra=/ckpt/alg,anatomy=/ckpt/anat. They are "
                   "the first experts of exp2 and the first is U in exp1/exp3.")
-flags.DEFINE_enum("judge", "keyword", ["keyword"],
+flags.DEFINE_enum("judge", "keyword", ["keyword", "rule"],
                   "Refusal judge: 'keyword' = the pinned GCG refusal-prefix list applied to "
-                  "the response only. Classifier judges plug in through sst_jax.eval.")
+                  "the response only (the original's tables); 'rule' = refusal-rule-v1, where an "
+                  "apology counts only when a refusal follows it (sst_jax.eval.judge). Classifier "
+                  "judges plug in through sst_jax.eval.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype override "
                   "(default: float32 on CPU, bfloat16 on GPU/TPU).")
 flags.DEFINE_bool("export_adapters", False,

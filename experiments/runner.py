@@ -17,7 +17,7 @@ from experiments.common import (Cache, Timings, load_config, package_versions, r
 from experiments.headlines import headline_entries
 from experiments.workbench import Workbench, build_splits
 from sst_jax.errors import CheckpointError, SstJaxError
-from sst_jax.eval.judge import KeywordRefusalJudge
+from sst_jax.eval.judge import KeywordRefusalJudge, RefusalRuleJudge
 from sst_jax.merge import get_method
 from sst_jax.models import load_model
 from sst_jax.models.api import HUB_PRESETS, model_config
@@ -130,6 +130,8 @@ def default_dtype() -> str:
 def make_judge(name: str):
     if name == "keyword":
         return KeywordRefusalJudge()
+    if name == "rule":
+        return RefusalRuleJudge()
     raise SstJaxError(f"unknown judge {name!r}")
 
 

@@ -2,7 +2,9 @@
 safety tax, confidence intervals, and the MetricsReporter (JSON, CSV, Markdown, PNG).
 
   mc       mc_prompt (lm-eval MMLU format), mc_context (k-shot), evaluate_mc -> MCResult
-  judge    Judge protocol, KeywordRefusalJudge (GCG test prefixes), is_degenerate
+  judge    Judge protocol, KeywordRefusalJudge (GCG test prefixes), RefusalRuleJudge (an apology
+           is not a refusal), is_degenerate
+  scoring  score: refusal / over-refusal / utility NLL of any ΔW on any prompt sets
   safety   evaluate_refusal -> RefusalResult, generate_responses, evaluate_generative,
            teacher_forced_nll, refusal_nll -> NLLResult
   metrics  Estimate, proportion (Wilson), bootstrap_interval, paired_comparison (McNemar +

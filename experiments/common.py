@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
-import importlib.metadata
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -46,24 +44,6 @@ def load_config(mode: str, model: str, override_path: str | None = None) -> dict
         config = deep_merge(config, override.pop("models", {}).get(model, {}) | override)
     config["mode"] = mode
     return config
-
-
-def package_versions() -> dict[str, str]:
-    names = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy"]
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "absent"
-    try:
-        import jax
-
-        out["backend"] = jax.default_backend()
-        out["devices"] = [str(d) for d in jax.devices()]
-    except Exception as err:  # noqa: BLE001 - the report should still be written
-        out["backend"] = f"unavailable: {err}"
-    return out
 
 
 class Cache:

@@ -12,14 +12,14 @@ import jax
 from absl import logging
 
 from experiments import exp1_safety_tax, exp2_multitask, exp3_baseline, report
-from experiments.common import (Cache, Timings, load_config, package_versions, result_path, timestamp,
-                                write_result)
+from experiments.common import Cache, Timings, load_config, result_path, timestamp, write_result
 from experiments.headlines import headline_entries
 from experiments.workbench import Workbench, build_splits
 from sst_jax.errors import CheckpointError, SstJaxError
 from sst_jax.eval.judge import KeywordRefusalJudge, RefusalRuleJudge
 from sst_jax.merge import get_method
 from sst_jax.models import load_model
+from sst_jax.pipeline import default_dtype, package_versions
 from sst_jax.models.api import HUB_PRESETS, model_config
 from sst_jax.models.memory import memory_plan
 from sst_jax.models.sharding import parse_mesh, place_model
@@ -65,8 +65,7 @@ class RunSettings:
                    judge=flags.judge, external_adapters=tuple(parse_adapter_flags(flags.safety_adapter,
                                                                                   flags.utility_adapters).items()),
                    export_adapters=flags.export_adapters, log_file=flags.log_file,
-                   mesh=tuple(parse_mesh(getattr(flags, "mesh", None)).items()),
-                   dry_run=bool(getattr(flags, "dry_run", False)), device_gb=getattr(flags, "device_gb", None))
+                   mesh=tuple(parse_mesh(flags.mesh).items()), dry_run=flags.dry_run, device_gb=flags.device_gb)
 
 
 def _looks_like_hub_id(value: str) -> bool:
@@ -121,10 +120,6 @@ def parse_adapter_flags(safety: str | None, utility: list[str]) -> dict[str, str
         if not Path(path).is_dir():
             raise SstJaxError(f"adapter {name}: {path} is not a directory (expected a PEFT adapter folder)")
     return out
-
-
-def default_dtype() -> str:
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def make_judge(name: str):

@@ -190,7 +190,6 @@ class Workbench:
         self.use_saved_adapters = use_saved_adapters
         self.judge = judge or KeywordRefusalJudge()
         self._adapters: dict[str, LoraAdapter] = {}
-        self._fishers: dict[str, Any] = {}
         self.external_adapters = dict(external_adapters or {})
         self.export_dir = None if export_dir is None else Path(export_dir)
         self._model_id = None

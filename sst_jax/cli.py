@@ -27,7 +27,6 @@ from sst_jax.data import embedded
 from sst_jax.errors import SstJaxError
 from sst_jax.eval.scoring import score
 from sst_jax.io_utils import atomic_write_json, atomic_write_text
-from sst_jax.lora.peft_io import load_peft
 from sst_jax.merge import get_method, list_methods
 from sst_jax.models import load_model
 from sst_jax.models.api import model_config
@@ -269,20 +268,18 @@ def run_merge(argv: list[str]) -> int:
         utility_data, held_out = _split_held_out(utility_data)
 
     # Everything that can be checked without the model, before loading it (minutes at 7B).
-    pipeline.check_request(utility=paths, safety=settings.get("safety"), method=method, weights=weights,
-                           harmful=settings.get("harmful"), benign=settings.get("benign"),
-                           utility_data=utility_data, hparams=hparams,
-                           fisher_samples=int(settings["fisher_samples"]))
+    request = pipeline.check_request(utility=paths, safety=settings.get("safety"), method=method, weights=weights,
+                                     harmful=settings.get("harmful"), benign=settings.get("benign"),
+                                     utility_data=utility_data, hparams=hparams,
+                                     fisher_samples=int(settings["fisher_samples"]))
     model = place_model(load_model(str(settings["model"]), dtype=settings.get("dtype") or pipeline.default_dtype()),
                         mesh)
     result = pipeline.merge_adapters(
-        model, utility=paths, safety=settings.get("safety"), method=method, alpha=float(settings["alpha"]),
-        weights=weights, harmful=settings.get("harmful"), benign=settings.get("benign"), utility_data=utility_data,
-        hparams=hparams, seed=int(settings["seed"]), fisher_samples=int(settings["fisher_samples"]),
+        model, request=request, alpha=float(settings["alpha"]), seed=int(settings["seed"]),
         cache_dir=settings.get("cache_dir"), accept_base_mismatch=bool(settings.get("accept_base_mismatch")))
     extra = {"command": shlex.join(["sst-merge", *argv[1:]])}
     if evaluate:
-        extra["evaluation"] = evaluate_against_inputs(model, result, paths, settings.get("safety"), held_out,
+        extra["evaluation"] = evaluate_against_inputs(model, result, request.utilities, request.safety, held_out,
                                                       n=int(settings.get("eval_samples") or 32),
                                                       seed=int(settings["seed"]))
         print(evaluation_table(extra["evaluation"]))
@@ -317,16 +314,17 @@ def _split_held_out(datasets: list) -> tuple[list, list]:
     return fit, held
 
 
-def evaluate_against_inputs(model, result, utility_paths, safety_path, held_out, *, n: int, seed: int) -> dict:
-    """Scores of the merge and of each input adapter alone (and the base) on held-out prompts."""
+def evaluate_against_inputs(model, result, utilities, safety, held_out, *, n: int, seed: int) -> dict:
+    """Scores of the merge and of each input adapter alone (loaded adapters; and the base) on
+    held-out prompts."""
     harmful = [p.text for p in embedded.harmful_prompts("test")][:n]
     benign = [p.text for p in embedded.benign_prompts("test")][:n]
     utility = [(e.prompt, e.response) for group in (held_out or []) for e in group]
     rows = {"base": None}
-    for i, p in enumerate(utility_paths):
-        rows[f"utility[{i}] alone"] = load_peft(p)
-    if safety_path:
-        rows["safety alone"] = load_peft(safety_path)
+    for i, adapter in enumerate(utilities):
+        rows[f"utility[{i}] alone"] = adapter
+    if safety is not None:
+        rows["safety alone"] = safety
     rows[f"merged ({result.method})"] = result.to_dense()
     out = {"n_harmful": len(harmful), "n_benign": len(benign), "n_utility": len(utility),
            "prompts": "embedded held-out test splits", "rows": {}}

@@ -27,7 +27,7 @@ import hashlib
 import importlib.metadata as md
 import os
 import pickle
-import sys
+import platform
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,7 +45,10 @@ from sst_jax.io_utils import atomic_directory, atomic_path, atomic_write_json, a
 from sst_jax.lora.adapter import LoraAdapter
 from sst_jax.lora.check import check_compatible
 from sst_jax.lora.peft_io import load_peft
+from sst_jax import __version__
 from sst_jax.merge import MergeResult, get_method, validate_inputs
+from sst_jax.merge.ties import expert_digest
+from sst_jax.models.branches import concat_lowrank
 from sst_jax.models import LoadedModel, load_model
 from sst_jax.models.api import HUB_PRESETS
 
@@ -71,16 +74,18 @@ def load_adapter(adapter: Any, name: str) -> LoraAdapter | MergeResult:
 
 
 def adapter_digest(adapter: Any) -> str:
-    """Content hash of an adapter's ΔW factors (what cache keys and DARE identities refer to)."""
+    """Content hash of an adapter's ΔW factors per module (`merge.ties.expert_digest`, the
+    identity DARE keys its masks by): what cache keys refer to, never a path."""
+    if isinstance(adapter, LoraAdapter):
+        lows = adapter.low_rank()
+    elif isinstance(adapter, MergeResult):
+        lows = {k: concat_lowrank([(lr, 1.0) for lr in br]) for k, br in adapter.to_branches().items()}
+    else:
+        lows = adapter  # {ModuleKey: LowRank}
     h = hashlib.sha256()
-    lows = adapter.low_rank() if isinstance(adapter, LoraAdapter) else {
-        k: br for k, br in adapter.to_branches().items()}
     for key in sorted(lows):
-        for lr in (lows[key] if isinstance(lows[key], tuple) else (lows[key],)):
-            u, v = lr.factors()
-            h.update(repr(key).encode())
-            h.update(np.asarray(u, np.float32).tobytes())
-            h.update(np.asarray(v, np.float32).tobytes())
+        h.update(repr(key).encode())
+        h.update(expert_digest(lows[key]))
     return h.hexdigest()[:16]
 
 
@@ -156,8 +161,10 @@ class MergeRequest:
     utilities: list
     given_utility: list
     safety: Any
+    given_safety: Any
     data: MergeData
     fisher_samples: tuple[int, int]
+    weights: list[float] | None
 
 
 def check_request(*, utility: Any, safety: Any = None, method: str = "sst", weights: Sequence[float] | None = None,
@@ -192,23 +199,28 @@ def check_request(*, utility: Any, safety: Any = None, method: str = "sst", weig
         raise DatasetError(f"method {method!r} needs one dataset per utility adapter (utility_data=[...], "
                            "--utility_data FILE per --utility)")
     return MergeRequest(spec=spec, hparams=hp, utilities=utilities, given_utility=list(utility),
-                        safety=safety_adapter, data=user, fisher_samples=(int(n_h), int(n_b)))
+                        safety=safety_adapter, given_safety=safety, data=user, fisher_samples=(int(n_h), int(n_b)),
+                        weights=None if weights is None else [float(w) for w in weights])
 
 
-def merge_adapters(model: str | LoadedModel, *, utility: Any, safety: Any = None, method: str = "sst",
+def merge_adapters(model: str | LoadedModel, *, utility: Any = None, safety: Any = None, method: str = "sst",
                    alpha: float = 1.0, weights: Sequence[float] | None = None, harmful: Any = None,
                    benign: Any = None, utility_data: Sequence[Any] | None = None,
                    hparams: dict | None = None, seed: int = 0,
                    fisher_samples: int | tuple[int, int] = DEFAULT_FISHER_SAMPLES, batch_size: int = 8,
                    dtype: str | None = None, cache_dir: str | os.PathLike | None = None,
-                   accept_base_mismatch: bool = False, progress: bool = True) -> MergeResult:
+                   accept_base_mismatch: bool = False, progress: bool = True,
+                   request: MergeRequest | None = None) -> MergeResult:
     """Merge utility adapters (weights default to 1) and an optional safety adapter (weight α)
     with `method` (see `sst_jax.merge.list_methods()`; hparams are checked against its declared
     parameters). model: a preset name, HF folder, .gguf, hub id or a loaded model. Returns a
-    MergeResult (`write_merge` writes it; `.to_peft`, `.to_dense`, `.report`)."""
+    MergeResult (`write_merge` writes it; `.to_peft`, `.to_dense`, `.report`). request: the
+    result of `check_request` (already read and checked), instead of the input arguments."""
     start = time.perf_counter()
-    req = check_request(utility=utility, safety=safety, method=method, weights=weights, harmful=harmful,
-                        benign=benign, utility_data=utility_data, hparams=hparams, fisher_samples=fisher_samples)
+    req = request or check_request(utility=utility, safety=safety, method=method, weights=weights, harmful=harmful,
+                                   benign=benign, utility_data=utility_data, hparams=hparams,
+                                   fisher_samples=fisher_samples)
+    method, weights = req.spec.name, req.weights
     spec, hp, utilities, safety_adapter, user = req.spec, req.hparams, req.utilities, req.safety, req.data
     n_h, n_b = req.fisher_samples
     utility = req.given_utility
@@ -248,7 +260,7 @@ def merge_adapters(model: str | LoadedModel, *, utility: Any, safety: Any = None
         base_model=result.report.get("base_model") or _hub_id(model),
         model=model.name, model_identity=model_identity(model), seed=seed, data=stats_report,
         timings_s=timings, inputs={"utility": [_describe(u, x) for u, x in zip(utilities, utility)],
-                                   "safety": None if safety is None else _describe(safety_adapter, safety)})
+                                   "safety": None if safety_adapter is None else _describe(safety_adapter, req.given_safety)})
     result.report["hparams"] = {**result.report.get("hparams", {}), **{k: v for k, v in hp.items()}}
     return result
 
@@ -359,9 +371,9 @@ def _statistics(spec, inputs, batches: dict, hp: dict, model: LoadedModel, cache
                   for k, v in batches.items()}
         recipe = {"statistics": f"{spec.statistics.__module__}.{spec.statistics.__qualname__}",
                   "params": {p: stat_kw.get(p) for p in spec.statistics_params}, "model": model_identity(model),
-                  "utility": [_lr_digest(u) for u in inputs.utility],
+                  "utility": [adapter_digest(u) for u in inputs.utility],
                   "weights": list(inputs.weights),
-                  "safety": None if inputs.safety is None else _lr_digest(inputs.safety),
+                  "safety": None if inputs.safety is None else adapter_digest(inputs.safety),
                   "data": digest, "seed": seed}
         path = Path(cache_dir) / "statistics" / f"stats-{stable_hash(recipe)}.pkl"
         if path.exists():
@@ -376,16 +388,6 @@ def _statistics(spec, inputs, batches: dict, hp: dict, model: LoadedModel, cache
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             pickle.dump(jax.device_get(stats), f)
     return stats
-
-
-def _lr_digest(lrmap) -> str:
-    h = hashlib.sha256()
-    for key in sorted(lrmap):
-        u, v = lrmap[key].factors()
-        h.update(repr(key).encode())
-        h.update(np.asarray(u, np.float32).tobytes())
-        h.update(np.asarray(v, np.float32).tobytes())
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- output
@@ -415,7 +417,7 @@ def write_merge(result: MergeResult, output: str | os.PathLike, *, format: str =
             result.to_merged_hf(model, str(staging))
             errors = {}
         report = {**result.report, **(extra_report or {}), "format": format, "rank": rank,
-                  "truncation_error": errors, "versions": _versions()}
+                  "truncation_error": errors, "versions": package_versions()}
         report.pop("export", None)
         atomic_write_json(staging / "merge_report.json", report)
         atomic_write_text(staging / "merge_report.md", report_markdown(report))
@@ -423,18 +425,17 @@ def write_merge(result: MergeResult, output: str | os.PathLike, *, format: str =
     return output
 
 
-def _versions() -> dict:
-    out = {"python": sys.version.split()[0]}
-    for pkg in ("jax", "jaxlib", "flax", "numpy"):
+def package_versions() -> dict[str, str]:
+    """Versions of what produced a result (merge reports and experiment results), and the backend."""
+    out = {"python": platform.python_version(), "sst_jax": __version__}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy"):
         try:
-            out[pkg] = md.version(pkg)
+            out[name] = md.version(name)
         except md.PackageNotFoundError:
-            pass
-    out["sst_jax"] = SST_JAX_VERSION
+            out[name] = "absent"
+    out["backend"] = jax.default_backend()
+    out["devices"] = [str(d) for d in jax.devices()]
     return out
-
-
-SST_JAX_VERSION = "0.1.0"  # = sst_jax.__version__ (which imports this module) and pyproject's version
 
 
 def report_markdown(report: dict) -> str:

@@ -52,9 +52,30 @@ def run(wb: Workbench) -> dict:
             paired.setdefault(name, {})[key] = {k: entry[k] for k in
                                                 ("n", "a_only", "b_only", "difference", "mcnemar_p")}
     names = lambda front: [f"{f['method']}@{f['alpha']:g}" for f in front]  # noqa: E731
+    ablation = fisher_ablation(wb, cfg.get("fisher_ablation"), utility, safety, domain)
     return {"utility_domain": domain, "alphas": cfg["alphas"], "baseline": reporter.baseline,
             "rows": reporter.rows, "summary": reporter.summary(),
             "pareto_front": names(reporter.global_front()),
             "pareto_front_2d": names(reporter.global_front_2d()),
             "paired_vs_task_arithmetic": paired, "utility_only": before,
-            "configurations": evaluations}
+            "configurations": evaluations, **({"fisher_ablation": ablation} if ablation else {})}
+
+
+def fisher_ablation(wb: Workbench, acfg: dict | None, utility, safety, domain: str) -> list[dict]:
+    """One method at one α with the Fishers estimated from each of `samples` harmful and benign
+    samples (config "exp3.fisher_ablation": {"method", "alpha", "samples": [n or [n_h, n_b], ...]}): does the
+    result hinge on the count? Rows carry the rates and the per-item records' labels."""
+    if not acfg:
+        return []
+    method, alpha = acfg.get("method", "sst"), float(acfg.get("alpha", 1.0))
+    rows = []
+    for n in acfg["samples"]:  # n or [harmful, benign]
+        n_h, n_b = (int(n), int(n)) if isinstance(n, (int, float)) else (int(n[0]), int(n[1]))
+        res = wb.evaluate_merge(method, [utility], [1.0], safety=safety, alpha=alpha, domains=[domain],
+                                mc=False, fisher_samples=(n_h, n_b))
+        m = res["metrics"]
+        rows.append({"method": method, "alpha": alpha, "fisher_samples": [n_h, n_b], "label": res["label"],
+                     "refusal": m["refusal"], "over_refusal": m["over_refusal"], "utility": m["utility"],
+                     "samples_used": res.get("merge_report", {}).get("data", {}).get("samples"),
+                     "records": res["records"]})
+    return rows

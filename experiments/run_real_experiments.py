@@ -45,6 +45,10 @@ flags.DEFINE_bool("use_saved_adapters", True,
                   "recipe hash matches; --nouse_saved_adapters retrains them.")
 flags.DEFINE_string("output_dir", "results", "Where results and caches are written.")
 flags.DEFINE_integer("seed", 0, "Base seed for data splits, training, DARE masks and sampling.")
+flags.DEFINE_list("seeds", [],
+                  "Run exactly these seeds (e.g. --seeds 1 or --seeds 0,1,2) instead of the config's "
+                  "'seeds' offset by --seed; one result file per run, caches shared. Use it to split "
+                  "a multi-seed study across sessions.")
 flags.DEFINE_string("beavertails_path", None,
                     "Local BeaverTails JSON/JSONL/Parquet file (or hub id) for harmful "
                     "prompts; default: the embedded HarmBench + Do-Not-Answer prompts.")

@@ -50,6 +50,7 @@ class RunSettings:
     mesh: tuple[tuple[str, int], ...] = (("data", 1), ("fsdp", 1), ("tensor", 1))
     dry_run: bool = False
     device_gb: float | None = None
+    seeds: tuple[int, ...] = ()  # --seeds: exactly these seeds instead of the config's (+ --seed)
 
     @classmethod
     def from_flags(cls, flags) -> "RunSettings":
@@ -65,7 +66,21 @@ class RunSettings:
                    judge=flags.judge, external_adapters=tuple(parse_adapter_flags(flags.safety_adapter,
                                                                                   flags.utility_adapters).items()),
                    export_adapters=flags.export_adapters, log_file=flags.log_file,
-                   mesh=tuple(parse_mesh(flags.mesh).items()), dry_run=flags.dry_run, device_gb=flags.device_gb)
+                   mesh=tuple(parse_mesh(flags.mesh).items()), dry_run=flags.dry_run, device_gb=flags.device_gb,
+                   seeds=parse_seeds(flags.seeds))
+
+
+def parse_seeds(values) -> tuple[int, ...]:
+    """--seeds 0,1,2 → (0, 1, 2); one-line error for anything that is not a distinct integer."""
+    out = []
+    for v in values or ():
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise SstJaxError(f"--seeds: {v!r} is not an integer (expected e.g. --seeds 0,1,2)") from None
+    if len(set(out)) != len(out):
+        raise SstJaxError(f"--seeds: repeated seed in {','.join(map(str, out))}")
+    return tuple(out)
 
 
 def _looks_like_hub_id(value: str) -> bool:
@@ -137,7 +152,7 @@ def run_model(model_name: str, settings: RunSettings) -> list[Path]:
     given_domains = [k.split(":", 1)[1] for k in external_adapters if k.startswith("expert:")]
     if given_domains:  # user-supplied experts come first (exp1/exp3's U is the first)
         cfg["utility_domains"] = given_domains + [d for d in cfg.get("utility_domains", []) if d not in given_domains]
-    seeds = [settings.seed + s for s in cfg.get("seeds", [0])]
+    seeds = list(settings.seeds) or [settings.seed + s for s in cfg.get("seeds", [0])]
     out = Path(settings.output_dir)
     cache = Cache(out / "cache")
     judge = make_judge(settings.judge)

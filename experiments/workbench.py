@@ -12,6 +12,7 @@ once per run instead of once per method.
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -317,15 +318,19 @@ class Workbench:
         return interleave(mc, gen)
 
     def merged(self, method: str, utilities: Sequence[LoraAdapter], weights: Sequence[float], *,
-               safety: LoraAdapter | None, alpha: float) -> MergeResult:
+               safety: LoraAdapter | None, alpha: float,
+               fisher_samples: tuple[int, int] | None = None) -> MergeResult:
         """One merge through the library's front door (statistics cached by content under
-        cache/statistics, so an α sweep computes its Fishers once)."""
+        cache/statistics, so an α sweep computes its Fishers once). `fisher_samples` overrides
+        the config's (harmful, benign) sample counts (the Fisher-count ablation)."""
         hparams = dict(self.cfg.get("hparams", {}).get(method, {}))
         spec = merge_api.get_method(method)
         data = {}
         if spec.data_aware:
             domains = [u.meta.name.split(":", 1)[1] for u in utilities]
             data = self.fisher_data(domains)
+            if fisher_samples is not None:
+                data["fisher_samples"] = tuple(map(int, fisher_samples))
             hparams.setdefault("chunk", int(self.cfg["fisher"].get("chunk", 8)))
         with self.timings("merge"):
             return merge_adapters(self.model, utility=list(utilities), safety=safety, method=method, alpha=alpha,
@@ -346,24 +351,31 @@ class Workbench:
         return self.evaluate(label, recipe, lambda: (adapter, {}), **kwargs)
 
     def evaluate_merge(self, method: str, utilities: Sequence[LoraAdapter], weights: Sequence[float],
-                       *, safety: LoraAdapter | None, alpha: float, **kwargs) -> dict:
+                       *, safety: LoraAdapter | None, alpha: float,
+                       fisher_samples: tuple[int, int] | None = None, **kwargs) -> dict:
         """Merge with `method` (hparams from the config) and evaluate; both cached together.
         With an export folder, the merged adapter is written there too (PEFT; dense results
-        SVD-truncated at the inputs' total rank, the error in its merge_report.json)."""
+        SVD-truncated at the inputs' total rank, the error in its merge_report.json).
+        `fisher_samples` = (harmful, benign) overrides the config's counts; the label then
+        carries them, e.g. "sst@1[fisher=16+16]"."""
         hparams = dict(self.cfg.get("hparams", {}).get(method, {}))
         fisher_cfg = {k: v for k, v in self.cfg["fisher"].items() if k not in ("chunk", "batch_size")}
+        if fisher_samples is not None:
+            fisher_cfg.update(harmful_samples=int(fisher_samples[0]), benign_samples=int(fisher_samples[1]))
         recipe = {"kind": "merge", "method": method, "utilities": [adapter_digest(u) for u in utilities],
                   "weights": list(map(float, weights)), "alpha": float(alpha),
                   "safety": adapter_digest(safety) if safety is not None else None,
                   "hparams": {k: v for k, v in hparams.items() if k not in merge_api.PERFORMANCE_PARAMS},
                   "fisher": fisher_cfg if merge_api.get_method(method).data_aware else None,
                   "seed": self.seed}
-        label = f"{method}@{alpha:g}"
+        label = f"{method}@{alpha:g}" + ("" if fisher_samples is None else
+                                          f"[fisher={fisher_samples[0]}+{fisher_samples[1]}]")
         result_box: list[MergeResult] = []
 
         def merge_once() -> MergeResult:
             if not result_box:
-                result_box.append(self.merged(method, utilities, weights, safety=safety, alpha=alpha))
+                result_box.append(self.merged(method, utilities, weights, safety=safety, alpha=alpha,
+                                              fisher_samples=fisher_samples))
             return result_box[0]
 
         def build():
@@ -377,7 +389,7 @@ class Workbench:
 
     def _export(self, label: str, recipe: dict, merge_once, utilities, safety) -> None:
         n = len(utilities)
-        folder = self.export_dir / f"{label.replace('@', '_a')}_n{n}_seed{self.seed}"
+        folder = self.export_dir / (re.sub(r"[^\w.-]+", "_", label.replace("@", "_a")) + f"_n{n}_seed{self.seed}")
         if (folder / "merge_report.json").exists():
             return
         result = merge_once()

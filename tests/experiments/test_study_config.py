@@ -88,3 +88,25 @@ def test_validation_run_trains_on_the_real_runs_training_prompts(minimal):
     val = build_splits(minimal, seed=0, validation=32)
     test = build_splits(minimal, seed=0)
     assert val.harmful_train == test.harmful_train and val.benign_train == test.benign_train
+
+
+def test_study_ablates_the_fisher_count_around_the_main_setting(study):
+    ablation = study["exp3"]["fisher_ablation"]
+    counts = [tuple(n) for n in ablation["samples"]]
+    main = (study["fisher"]["harmful_samples"], study["fisher"]["benign_samples"])
+    assert main in counts and len(counts) >= 3 and counts == sorted(counts)
+    assert ablation["method"] in study["exp3"]["methods"] and ablation["alpha"] in study["exp3"]["alphas"]
+    # the Fisher pool is the training split: every count must be available there
+    splits = build_splits(study, seed=0)
+    assert max(h for h, _ in counts) <= len(splits.harmful_train)
+    assert max(b for _, b in counts) <= len(splits.benign_train)
+
+
+def test_seeds_flag_replaces_the_config_seeds():
+    from experiments.runner import parse_seeds
+    from sst_jax.errors import SstJaxError
+    assert parse_seeds(["2"]) == (2,) and parse_seeds([]) == ()
+    with pytest.raises(SstJaxError, match="not an integer"):
+        parse_seeds(["x"])
+    with pytest.raises(SstJaxError, match="repeated"):
+        parse_seeds(["1", "1"])

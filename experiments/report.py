@@ -17,7 +17,7 @@ def _fmt(est: dict | None) -> str:
     return f"{100 * est['value']:.1f} [{100 * est['low']:.0f},{100 * est['high']:.0f}] n={est['n']}"
 
 
-def _num(x: Any, digits: int = 3) -> str:
+def format_number(x: Any, digits: int = 3) -> str:
     if x is None:
         return "-"
     if isinstance(x, str) and x in ("inf", "-inf", "nan"):
@@ -38,24 +38,24 @@ def summary_rows(exp: str, payload: dict) -> tuple[list[str], list[list[str]]]:
                 m = ev["metrics"]
                 tax = res["safety_tax"].get(name, {})
                 rows.append([seed, name, _fmt(m.get("refusal")), _fmt(m.get("over_refusal")),
-                             _fmt(m.get("utility")), _fmt(m.get("utility_mc")), _num(m.get("refusal_nll")),
-                             _num(tax.get("absolute")), _num(tax.get("relative"))])
+                             _fmt(m.get("utility")), _fmt(m.get("utility_mc")), format_number(m.get("refusal_nll")),
+                             format_number(tax.get("absolute")), format_number(tax.get("relative"))])
     elif exp == "exp2":
         header = ["seed", "N", "method", "retention mean", "retention worst", "refusal %",
                   "refusal retained"]
         for seed, res in payload["results"].items():
             for n, block in res["results"].items():
                 for method, r in block["methods"].items():
-                    rows.append([seed, n, method, _num(r["retention_mean"]), _num(r["retention_worst"]),
-                                 _fmt(r["refusal"]), _num(r["refusal_retained"])])
+                    rows.append([seed, n, method, format_number(r["retention_mean"]), format_number(r["retention_worst"]),
+                                 _fmt(r["refusal"]), format_number(r["refusal_retained"])])
     else:
         header = ["seed", "method", "α", "refusal % [95% CI]", "over-refusal % [95% CI]",
                   "utility % [95% CI]", "abs. tax", "composite", "composite 2-D", "patch ‖ΔW‖"]
         for seed, res in payload["results"].items():
             for r in res["rows"]:
-                rows.append([seed, r["method"], _num(r["alpha"]), _fmt(r["safety"]),
-                             _fmt(r["over_refusal"]), _fmt(r["utility"]), _num(r["tax_absolute"]),
-                             _num(r["composite"]), _num(r["composite_2d"]), _num(r["patch_norm"])])
+                rows.append([seed, r["method"], format_number(r["alpha"]), _fmt(r["safety"]),
+                             _fmt(r["over_refusal"]), _fmt(r["utility"]), format_number(r["tax_absolute"]),
+                             format_number(r["composite"]), format_number(r["composite_2d"]), format_number(r["patch_norm"])])
     return header, rows
 
 
@@ -101,12 +101,12 @@ def write_reports(exp: str, payload: dict, directory: Path) -> None:
                    f"`{stem}_seed{seed}.md`.", "",
                    markdown_table(["method", "best composite (α)", "Pareto α", "hypervolume",
                                    "best composite 2-D (α)", "Pareto α 2-D", "hypervolume 2-D"],
-                                  [[m, f"{_num(s['best_composite'])} ({_num(s['best_alpha'])})",
-                                    ", ".join(_num(a) for a in s["pareto_alphas"] or []),
-                                    _num(s["hypervolume"]),
-                                    f"{_num(s['best_composite_2d'])} ({_num(s['best_alpha_2d'])})",
-                                    ", ".join(_num(a) for a in s["pareto_alphas_2d"]),
-                                    _num(s["hypervolume_2d"])]
+                                  [[m, f"{format_number(s['best_composite'])} ({format_number(s['best_alpha'])})",
+                                    ", ".join(format_number(a) for a in s["pareto_alphas"] or []),
+                                    format_number(s["hypervolume"]),
+                                    f"{format_number(s['best_composite_2d'])} ({format_number(s['best_alpha_2d'])})",
+                                    ", ".join(format_number(a) for a in s["pareto_alphas_2d"]),
+                                    format_number(s["hypervolume_2d"])]
                                    for m, s in res["summary"].items()]), "",
                    f"Global Pareto front (refusal, 1 − over-refusal, utility): "
                    f"{', '.join(res['pareto_front'])}", "",

@@ -1,0 +1,92 @@
+"""experiments/study_report.py on the tiny end-to-end run: every pooled rate, paired test and
+matched-norm choice is recomputed here from the per-item records; Holm against a hand fixture."""
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import study_report
+from sst_jax.eval.judge import KeywordRefusalJudge, RefusalRuleJudge
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run):
+    _, out, _ = tiny_run
+    study = study_report.load_study(out)
+    judges = {"keyword": KeywordRefusalJudge(), "rule": RefusalRuleJudge()}
+    return study, study_report.build_report(study, judges, main_judge="keyword")
+
+
+def test_holm_matches_hand_computed_values():
+    # p = (0.01, 0.04, 0.03, 0.5): sorted 0.01·4 = 0.04, 0.03·3 = 0.09, 0.04·2 = 0.08 → 0.09 (monotone), 0.5·1
+    assert study_report.holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert study_report.holm([0.6, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_pooled_rates_equal_the_records(report):
+    study, rep = report
+    configs = study_report.exp3_configurations(study)
+    for row in rep["rates"]["keyword"]:
+        for rate, part, field in (("refusal", "harmful", "refused"), ("over_refusal", "benign", "refused"),
+                                  ("utility", "utility", "correct")):
+            if rate not in row:
+                continue
+            items = [r[field] for ev in configs[row["name"]].values() for r in ev["records"][part]]
+            assert row[rate]["n"] == len(items) and row[rate]["value"] == pytest.approx(np.mean(items))
+
+
+def test_rule_judge_rates_are_the_rule_judges_verdicts(report):
+    study, rep = report
+    configs = study_report.exp3_configurations(study)
+    judge = RefusalRuleJudge()
+    for row in rep["rates"]["rule"]:
+        recs = [r for ev in configs[row["name"]].values() for r in ev["records"]["harmful"]]
+        expect = np.mean(judge([r["prompt"] for r in recs], [r["response"] for r in recs]))
+        assert row["refusal"]["value"] == pytest.approx(expect)
+
+
+def test_matched_alpha_tests_recompute_from_records(report):
+    study, rep = report
+    configs = study_report.exp3_configurations(study)
+    assert rep["matched_alpha"], "no SST-vs-baseline pairs"
+    methods = {r["method"] for r in rep["matched_alpha"]}
+    assert "task_arithmetic" in methods and "sst" not in methods
+    for row in rep["matched_alpha"]:
+        for rate, part, field in (("refusal", "harmful", "refused"), ("utility", "utility", "correct")):
+            a = np.array([r[field] for ev in configs[row["sst"]].values() for r in ev["records"][part]])
+            b = np.array([r[field] for ev in configs[row["other"]].values() for r in ev["records"][part]])
+            c = row[rate]
+            assert (c["a_only"], c["b_only"]) == (int(np.sum(a & ~b)), int(np.sum(~a & b)))
+            d = c["a_only"] + c["b_only"]
+            assert c["mcnemar_p"] == pytest.approx(1.0 if d == 0 else stats.binomtest(c["a_only"], d).pvalue)
+            assert c["difference"]["value"] == pytest.approx(a.mean() - b.mean())
+            assert c["holm_p"] >= c["mcnemar_p"]
+
+
+def test_matched_norm_picks_the_closest_patch(report):
+    study, rep = report
+    norms = study_report.patch_norms(study)
+    alphas = study_report.method_alphas(study)
+    assert rep["matched_norm"]
+    for row in rep["matched_norm"]:
+        for seed, chosen in row["other_alpha_per_seed"].items():
+            target = norms[f"sst@{row['sst_alpha']:g}"][seed]
+            gaps = {a: abs(norms[f"{row['method']}@{a:g}"][seed] - target) for a in alphas[row["method"]]}
+            assert gaps[chosen] == min(gaps.values())
+
+
+def test_fisher_ablation_rows_and_the_main_setting_agree(report):
+    study, rep = report
+    rows = rep["fisher_ablation"]
+    assert [tuple(r["fisher_samples"]) for r in rows] == [(2, 2), (4, 4)]
+    # (4, 4) is the config's own count: the same merge as sst@1, so the same verdicts
+    main = next(r for r in rep["rates"]["keyword"] if r["name"] == "sst@1")
+    assert rows[1]["refusal"] == main["refusal"] and rows[1]["utility"] == main["utility"]
+
+
+def test_report_renders_markdown_json_and_plot(report, tmp_path):
+    _, rep = report
+    md = study_report.to_markdown(rep)
+    assert "SST vs each method at the same α" in md and "Fisher-count ablation" in md and "Hypervolume" in md
+    png = study_report.plot_fronts(tmp_path / "f.png", rep)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

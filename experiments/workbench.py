@@ -40,6 +40,7 @@ from sst_jax.lora.peft_io import CONFIG_NAME, load_peft, save_peft
 from sst_jax.lora.train import TrainConfig, train_lora
 from sst_jax.merge import MergeResult
 from sst_jax.models import LoadedModel
+from sst_jax.models.distributed import agree, primary_only
 from sst_jax.pipeline import adapter_digest, check_bases, merge_adapters, model_identity, read_examples, write_merge
 
 
@@ -212,7 +213,7 @@ class Workbench:
         if name in self.external_adapters:  # the user's own PEFT adapter (checked up front)
             return self.check_external_adapters()[name]
         directory = self.cache.dir_path("adapter", recipe)
-        if self.use_saved_adapters and (directory / CONFIG_NAME).exists():
+        if self.use_saved_adapters and agree((directory / CONFIG_NAME).exists(), str(directory)):
             logging.info("adapter %s: loading cached %s", name, directory)
             adapter = load_peft(directory, name=name)
         else:
@@ -228,8 +229,9 @@ class Workbench:
             with self.timings(f"train_{name.split(':')[0]}"):
                 ckpt = directory.with_suffix(".ckpt")  # resumable mid-training
                 adapter, history = train_lora(self.model, init, examples, None, tcfg, checkpoint_dir=ckpt)
-            save_peft(adapter, directory, base_config=self.model.config)
-            shutil.rmtree(ckpt, ignore_errors=True)
+            # Process 0 writes (a multi-host run); the others wait for the folder.
+            primary_only(save_peft, adapter, directory, base_config=self.model.config, name=str(directory))
+            primary_only(shutil.rmtree, ckpt, ignore_errors=True, name=str(ckpt))
             logging.info("adapter %s: trained, final loss %.4f", name, history["train_loss"][-1])
         self._adapters[name] = adapter
         return adapter
@@ -390,7 +392,7 @@ class Workbench:
     def _export(self, label: str, recipe: dict, merge_once, utilities, safety) -> None:
         n = len(utilities)
         folder = self.export_dir / (re.sub(r"[^\w.-]+", "_", label.replace("@", "_a")) + f"_n{n}_seed{self.seed}")
-        if (folder / "merge_report.json").exists():
+        if agree((folder / "merge_report.json").exists(), str(folder)):
             return
         result = merge_once()
         rank = None if result.exact else sum(u.meta.r for u in utilities) + (safety.meta.r if safety else 0)
@@ -406,6 +408,9 @@ class Workbench:
         """
         gcfg = self.cfg["generation"]
         generation = {k: v for k, v in gcfg.items() if k != "batch_size"}  # speed only, not results
+        # The teacher-forced refusal NLL costs about half a generation pass; a config can drop it
+        # ("evaluation": {"refusal_nll": false}: the study, where n = 200 makes it expensive).
+        nll = nll and bool(self.cfg.get("evaluation", {}).get("refusal_nll", True))
         full_recipe = {"model": self.model_id(), "merge": recipe, "domains": list(domains),
                        "refusal": refusal, "over_refusal": over_refusal, "nll": nll, "mc": mc,
                        "utility_metric": self.utility_metric(),

@@ -37,6 +37,7 @@ from experiments.common import EXPERIMENT_DIRS
 from experiments.report import format_number, markdown_table
 from sst_jax.eval.metrics import paired_comparison, pooled_proportion, proportion
 from sst_jax.eval.report import json_safe, write_text
+from sst_jax.eval.scoring import rescore
 from sst_jax.io_utils import atomic_write_json
 
 REFERENCE = "sst"
@@ -75,30 +76,28 @@ def load_study(results_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def verdicts(ev: Mapping, rate: str, judge=None) -> list[bool]:
-    """Per-item outcomes of an evaluation: refused (harmful / benign records; re-judged when a
-    judge is given) or correct (utility)."""
+    """Per-item outcomes of an evaluation: refused (harmful / benign records; re-judged with
+    `sst_jax.eval.scoring.rescore` when a judge is given) or correct (utility)."""
     if rate == "utility":
         return [bool(r["correct"]) for r in ev["records"]["utility"]]
-    records = ev["records"].get(RATE_RECORDS[rate]) or []
-    if judge is None:
-        return [bool(r["refused"]) for r in records]
-    return [bool(v) for v in judge([r["prompt"] for r in records], [r["response"] for r in records])]
+    records = ev["records"] if judge is None else rescore(ev, judge)[1]
+    return [bool(r["refused"]) for r in records.get(RATE_RECORDS[rate]) or []]
 
 
 class JudgedRecords:
-    """Memoised verdicts: judging the same evaluation twice (e.g. in several tables) costs once."""
+    """Memoised verdicts: each evaluation is re-judged once per judge, whatever the tables ask."""
 
     def __init__(self, judges: Mapping[str, Any]):
         self.judges = dict(judges)
-        self._memo: dict[tuple, list[bool]] = {}
+        self._memo: dict[tuple, dict] = {}
 
     def __call__(self, ev: Mapping, rate: str, judge_name: str) -> list[bool]:
         if rate == "utility":
             return verdicts(ev, rate)
-        key = (id(ev), rate, judge_name)
+        key = (id(ev), judge_name)
         if key not in self._memo:
-            self._memo[key] = verdicts(ev, rate, self.judges[judge_name])
-        return self._memo[key]
+            self._memo[key] = {"records": rescore(ev, self.judges[judge_name])[1]}
+        return verdicts(self._memo[key], rate)
 
 
 # ---------------------------------------------------------------------------------------------

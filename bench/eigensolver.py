@@ -103,9 +103,11 @@ def main() -> None:
                          r["lapack"].get("warmup_seconds"), r["reduction"].get("warmup_seconds"),
                          r["lapack"].get("peak_mb"), r["scipy"].get("peak_mb"), max(errs.values())])
     notes = ["A = XXᵀ/n, B = YYᵀ/n + 0.1·I with X, Y standard normal (seed 0); the same matrices for all.",
-             "lapack: `generalized_eigh(a, b, backend='lapack')` (the CPU default: LAPACK sygvd in place per problem, "
-             "plus symmetrisation, input checks, descending order + sign convention, the conditioning bound and, "
-             "where that bound is not already small, ?pocon); reduction: "
+             "lapack: `generalized_eigh(a, b, backend='lapack')` (the CPU default: LAPACK sygvd in place per problem "
+             "on aligned work copies, one host call for the batch, plus the symmetric-part handling (a float64 symmetry "
+             "probe, or the transposed add for short rows), input checks, descending order + sign convention, the "
+             "conditioning bound and, where that bound is not already small, ?pocon; outputs handed to JAX without a "
+             "copy); reduction: "
              "`backend='reduction'` (vmapped Cholesky reduction + eigh, jitted: the accelerator path). Best of "
              f"{REPEATS} timed runs after one compile+run (compile+first run in '1st call s'). scipy: "
              "`[scipy.linalg.eigh(a[i], b[i]) for i in range(batch)]` (LAPACK sygvd via scipy's default driver).",

@@ -3,12 +3,19 @@ down; d=4096, d_ff=14336, GQA k/v 1024) on a subset of layers (default 1), extra
 layer: sst-jax merge(...) with task_arithmetic, ties, dare_ties, sst (20 utility experts +
 a safety adapter; Fishers precomputed random SPD — the Fisher pass is bench/fisher_per_sample)
 and sst_multi (20 experts, no safety adapter) vs PEFT add_weighted_adapter (`cat`, `ties_svd`)
-on a torch nn.Module tree with the same Linear shapes.
+on a torch nn.Module tree with the same Linear shapes, and our streaming TIES/DARE vs PEFT's
+stacked merge utilities (`peft.utils.merge_utils.ties`, `dare_ties`, `dare_linear` on the n dense
+task tensors) at 7B width, side by side in one run (each case in its own process).
 
     python bench/merge.py                 # 20 experts, 1 layer (several minutes)
     python bench/merge.py --experts 4     # quick
     python bench/merge.py --modules gate_proj --only ours:ties:1,ours:dare_ties:1,ours:dare_linear:1
                                           # streaming TIES/DARE, one 14336×4096 MLP module at 7B width
+    python bench/merge.py --modules q_proj --only ours:ties:1,peftutil:ties:1,ours:dare_ties:1,\
+        peftutil:dare_ties:1,ours:dare_linear:1,peftutil:dare_linear:1
+                                          # vs PEFT's stacked utilities, one 4096×4096 module (the
+                                          # stack of 20 dense 14336×4096 task tensors is 4.7 GB, and
+                                          # PEFT's ties holds several such copies)
 
 Memory: "peak MiB" is the extra RSS of the timed call; "process peak MiB" is the case process's
 whole-life peak RSS (getrusage ru_maxrss: the Python/JAX runtime, inputs, compile and both calls;
@@ -37,7 +44,9 @@ MODULES = tuple(SHAPES)
 GRID = (("ours", "task_arithmetic", 1), ("ours", "sst", 1), ("ours", "sst_multi", 1), ("peft", "cat", 1),
         ("ours", "ties", 1), ("ours", "dare_ties", 1), ("ours", "dare_linear", 1),
         ("ours", "task_arithmetic", 4), ("ours", "ties", 4), ("ours", "dare_ties", 4), ("ours", "sst", 4),
-        ("peft", "cat", 4), ("peft", "ties_svd", 4))
+        ("peft", "cat", 4), ("peft", "ties_svd", 4),
+        ("peftutil", "ties", 1), ("peftutil", "dare_ties", 1), ("peftutil", "dare_linear", 1))
+SAMPLE = 200_000  # entries of the first module's merged ΔW saved per case, to compare results across cases
 
 
 def set_width(div: int) -> None:
@@ -102,15 +111,71 @@ def run_ours(method: str, n: int, layers: int) -> dict:
 
     def run():
         res = merge(method, adapters, [1.0] * n, **kwargs)
-        jax.block_until_ready((res.factors, res.dense))
+        jax.block_until_ready(res.factors)
+        # Dense results (TIES/DARE) merge a module when it is read: form each one and drop it, as
+        # an export does (to_peft(rank=...), to_merged_hf), so one module is held at a time.
+        for k in res.dense:
+            jax.block_until_ready(res.delta(k, keep=False))
         return res
 
     t0 = time.perf_counter()
-    run()  # compile (the shapes repeat across modules; XLA caches per shape)
+    res = run()  # compile (the shapes repeat across modules; XLA caches per shape)
     first = time.perf_counter() - t0
+    if res.dense:
+        save_sample(f"ours_{method}", np.asarray(res.delta(keys[0], keep=False)))
+    del res
     out = common.measure(run, warmup=0, repeats=1)
     out["first_call_seconds"] = first
     return out
+
+
+def save_sample(name: str, x: np.ndarray) -> None:
+    """A fixed random subset of the entries of one merged ΔW (same positions in every case)."""
+    os.makedirs(common.OUT_DIR, exist_ok=True)
+    idx = np.random.default_rng(7).choice(x.size, size=min(SAMPLE, x.size), replace=False)
+    np.save(os.path.join(common.OUT_DIR, f"merge_sample_{name}.npy"), x.reshape(-1)[np.sort(idx)])
+
+
+def compare_samples(a: str, b: str) -> float:
+    """max |a − b| / max |b| over the saved samples (NaN when either is missing)."""
+    try:
+        x, y = (np.load(os.path.join(common.OUT_DIR, f"merge_sample_{n}.npy")) for n in (a, b))
+    except (OSError, ValueError):
+        return float("nan")
+    return float(np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-30))
+
+
+# ------------------------------------------------------------------------------- PEFT merge_utils
+
+
+def run_peft_utils(method: str, n: int, layers: int) -> dict:
+    """PEFT's stacked merge utilities on the n dense task tensors ΔWᵢ = (α/r)·BᵢAᵢ of each module
+    (formed in torch, float32, as add_weighted_adapter does): ties (density 0.2, majority sign
+    "total" = ours with equal weights), dare_ties and dare_linear (density 0.5)."""
+    import torch
+    from peft.utils import merge_utils
+
+    common.set_torch_threads()
+    raw = expert_factors(n, layers)
+    keys = sorted(raw[0])
+    fn = {"ties": lambda ts, w: merge_utils.ties(ts, w, 0.2, "total"),
+          "dare_ties": lambda ts, w: merge_utils.dare_ties(ts, w, 0.5, "total"),
+          "dare_linear": lambda ts, w: merge_utils.dare_linear(ts, w, 0.5)}[method]
+    weights = torch.ones(n)
+    torch.manual_seed(0)
+
+    def module(k):
+        tasks = [(ALPHA / RANK) * (torch.from_numpy(np.asarray(ad[k][1], np.float32))
+                                   @ torch.from_numpy(np.asarray(ad[k][0], np.float32))) for ad in raw]
+        return fn(tasks, weights)
+
+    def run():
+        for k in keys:
+            module(k)
+
+    with torch.no_grad():
+        save_sample(f"peftutil_{method}", module(keys[0]).numpy())
+        return common.measure(run, warmup=0, repeats=1)
 
 
 # ------------------------------------------------------------------------------- PEFT
@@ -195,7 +260,8 @@ def main() -> None:
     if args.case:
         lib, method, div = args.case.split(":")
         set_width(int(div))
-        res = run_ours(method, args.experts, args.layers) if lib == "ours" else run_peft(method, args.experts, args.layers)
+        run = {"ours": run_ours, "peft": run_peft, "peftutil": run_peft_utils}[lib]
+        res = run(method, args.experts, args.layers)
         common.emit(res)
         return
     os.environ["SST_BENCH_THREADS"] = str(args.threads)
@@ -214,12 +280,15 @@ def main() -> None:
         lib, m, div = key.split(":")
         ref_cat = results.get(f"peft:cat:{div}", {}).get("seconds")
         ref_ties = results.get(f"peft:ties_svd:{div}", {}).get("seconds")
+        ref_util = results.get(f"peftutil:{m}:{div}", {}).get("seconds") if lib == "ours" else None
         s = r.get("seconds")
         per_layer = s / args.layers if s is not None else None
         width = "7B width" if div == "1" else f"1/{div} width"
+        # Same trim, election and merge as PEFT's ties with equal weights (DARE: other random masks).
+        diff = compare_samples(f"ours_{m}", f"peftutil_{m}") if lib == "ours" and m == "ties" else float("nan")
         rows.append([f"{lib} {m} ({width})", s, per_layer, per_layer * 32 if per_layer is not None else None,
                      r.get("peak_mb"), r.get("max_rss_mb"), common.ratio(ref_cat, s), common.ratio(ref_ties, s),
-                     r.get("error", "")[-80:]])
+                     common.ratio(ref_util, s), diff, r.get("error", "")[-80:]])
     notes = [f"{args.experts} experts, rank {RANK}, α={ALPHA}, modules {','.join(mods)} of {args.layers} layer(s) at Mistral-7B "
              f"shape (d={D}, d_ff={FF}, k/v {KV}); 'x32 layers s' extrapolates linearly to the 32 layers of the "
              "full model (every layer has the same shapes, and each module is merged independently). Rows marked "
@@ -233,14 +302,20 @@ def main() -> None:
              "streaming the experts one at a time (two passes: election score, then agreeing sum and count); PEFT `cat` concatenates factors, PEFT `ties_svd` builds dense ΔW per "
              "adapter, trims/elects, then SVD-truncates to rank 16 (run with svd_full_matrices=False: PEFT's default "
              "True computes the full U of a 14336×14336 matrix). Our TIES returns the dense ΔW without an SVD.",
+             "peftutil: PEFT's `merge_utils.ties` (density 0.2, majority sign 'total'), `dare_ties`, `dare_linear` "
+             "(density 0.5) on the list of the n dense task tensors of each module (formed in torch from the same "
+             "factors; they stack them: n × out × in float32). 'PEFT utils ÷ row': that case's seconds ÷ ours. "
+             "'max |Δ| vs PEFT': our TIES vs PEFT's over 200k fixed entries of the first module, relative to the "
+             "largest |entry| (equal weights, so the conventions agree; DARE draws other random masks).",
              f"Threads: {args.threads} per framework. Peak MiB: extra peak RSS of the case's own process during the "
              "timed call (the inputs are already built); process peak MiB: getrusage(RUSAGE_SELF).ru_maxrss of the "
-             "case's process at exit (runtime + inputs + compile + both calls; every module's dense result is kept "
-             "in the result, so with several modules it grows by out×in×4 B per module).",
+             "case's process at exit (runtime + inputs + compile + both calls). Our dense results merge a module when "
+             "it is read; the timed call forms every module and drops it (as an export does), so the peak is about "
+             "one module's buffers whatever the number of modules.",
              "÷ columns: reference seconds ÷ row seconds (>1: the row is faster than that PEFT mode)."]
     common.write_table("merge", f"Merging {args.experts} experts at 7B shape: seconds (lower is better)",
                        ["case", "s", "s/layer", "x32 layers s", "peak MiB", "process peak MiB", "PEFT cat ÷ row", "PEFT ties_svd ÷ row",
-                        "error"], rows, notes, extra={"results": results})
+                        "PEFT utils ÷ row", "max |Δ| vs PEFT", "error"], rows, notes, extra={"results": results})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from absl import logging
 
 from sst_jax.eval.report import json_safe
 from sst_jax.io_utils import atomic_write_json, stable_hash
+from sst_jax.models.distributed import agree, primary_only
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
@@ -50,7 +51,8 @@ class Cache:
     """Content-keyed cache: an entry's key is a hash of the recipe that produced it.
 
     Entries are written atomically, so an interrupted run leaves either a whole entry or
-    none; re-running the same command finds the finished ones and continues.
+    none; re-running the same command finds the finished ones and continues. In a multi-host
+    run process 0 writes them and every process reads them (`sst_jax.models.distributed`).
     """
 
     def __init__(self, root: Path):
@@ -67,13 +69,13 @@ class Cache:
 
     def get_or_compute(self, kind: str, recipe: Any, compute: Callable[[], Any]) -> Any:
         path = self.json_path(kind, recipe)
-        if path.exists():
+        if agree(path.exists(), str(path)):
             try:
                 return json.loads(path.read_text())["value"]
             except (json.JSONDecodeError, KeyError):
                 logging.warning("cache entry %s is unreadable; recomputing", path)
         value = compute()
-        atomic_write_json(path, {"recipe": recipe, "value": value})
+        primary_only(atomic_write_json, path, {"recipe": recipe, "value": value}, name=str(path))
         return value
 
 
@@ -104,6 +106,6 @@ def result_path(output_dir: str | Path, experiment: str, model: str, mode: str) 
 
 def write_result(path: Path, payload: dict) -> Path:
     payload = json_safe({"schema_version": SCHEMA_VERSION, **payload})  # strict JSON: ∞ as "inf"
-    atomic_write_json(path, payload)
+    primary_only(atomic_write_json, path, payload, name=f"result in {path.parent}")  # names carry each host's clock
     logging.info("wrote %s", path)
     return path

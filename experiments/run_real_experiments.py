@@ -23,7 +23,10 @@ from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sst_jax.models import distributed  # noqa: E402  (the multi-host flags, defined once for both commands)
+
 FLAGS = flags.FLAGS
+distributed.define_flags(FLAGS)  # --coordinator_address, --num_processes, --process_id
 flags.DEFINE_enum("mode", "minimal", ["minimal", "full"],
                   "Scale of the run. minimal: small sample counts and N∈{2,4} experts, a "
                   "quick but real check; full: paper-scale sample counts, N∈{8,12,16,20} "
@@ -66,11 +69,13 @@ flags.DEFINE_list("utility_adapters", [],
                   "DOMAIN=DIR entries (DOMAIN: an MMLU subject with --mmlu_path, or an embedded "
                   "utility domain), e.g. abstract_algebra=/ckpt/alg,anatomy=/ckpt/anat. They are "
                   "the first experts of exp2 and the first is U in exp1/exp3.")
-flags.DEFINE_enum("judge", "keyword", ["keyword", "rule"],
+flags.DEFINE_enum("judge", "keyword", ["keyword", "rule", "semantic"],
                   "Refusal judge: 'keyword' = the pinned GCG refusal-prefix list applied to "
                   "the response only (the original's tables); 'rule' = refusal-rule-v1, where an "
-                  "apology counts only when a refusal follows it (sst_jax.eval.judge). Classifier "
-                  "judges plug in through sst_jax.eval.")
+                  "apology counts only when a refusal follows it (sst_jax.eval.judge); 'semantic' = "
+                  "semantic-lr-v1, a logistic regression on SmolLM2-135M features of the response, "
+                  "trained on hand labels shipped in sst_jax/data/assets/judge (offline; loads the "
+                  "135M feature model). Classifier judges plug in through sst_jax.eval.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype override "
                   "(default: float32 on CPU, bfloat16 on GPU/TPU).")
 flags.DEFINE_bool("export_adapters", False,
@@ -83,8 +88,11 @@ flags.DEFINE_string("mesh", None,
                     "not fit one device (sst_jax.models.sharding).")
 flags.DEFINE_bool("dry_run", False,
                   "Print the per-device memory plan (weights, LoRA, optimizer, Fisher activations at "
-                  "the configured chunk, KV cache and generation batch) for --model and --mesh, say "
-                  "whether it fits, and exit without loading weights (hub presets, HF folders).")
+                  "the Fisher chunk, KV cache and generation batch) for --model and --mesh, say "
+                  "whether it fits, and exit without loading weights (hub presets, HF folders). The "
+                  "chunk (samples per vmapped Fisher gradient step) is the config's \"fisher\": "
+                  "{\"chunk\": N}, else the backend's default: 4 on CPU, 16 on GPU/TPU (16 when "
+                  "--device_gb plans for another device).")
 flags.DEFINE_float("device_gb", None, "Device memory for --dry_run in GB (default: the first "
                    "device's, or 80 GB when it cannot be read).")
 flags.DEFINE_string("log_file", None,
@@ -100,10 +108,12 @@ def main(argv: list[str]) -> int:
     for name in ("orbax", "jax", "transformers", "datasets"):
         std_logging.getLogger(name).setLevel(std_logging.WARNING)
     logging.get_absl_handler().addFilter(third_party_info_filter)
-    from experiments.runner import run_from_flags  # heavy imports after flag parsing
     from sst_jax.errors import SstJaxError
 
     try:
+        distributed.initialize_from_flags(FLAGS)  # before any JAX work; multi-host runs only
+        from experiments.runner import run_from_flags  # heavy imports after flag parsing
+
         return run_from_flags(FLAGS)
     except SstJaxError as err:
         # The project's own errors say what to do: one line, a traceback only when asked for.

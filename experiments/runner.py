@@ -17,11 +17,14 @@ from experiments.headlines import headline_entries
 from experiments.workbench import Workbench, build_splits
 from sst_jax.errors import CheckpointError, SstJaxError
 from sst_jax.eval.judge import KeywordRefusalJudge, RefusalRuleJudge
+from sst_jax.eval.semantic_judge import SemanticRefusalJudge
+from sst_jax.fisher import default_chunk
 from sst_jax.merge import get_method
 from sst_jax.models import load_model
 from sst_jax.pipeline import default_dtype, package_versions
 from sst_jax.models.api import HUB_PRESETS, model_config
 from sst_jax.models.memory import memory_plan
+from sst_jax.models.distributed import is_primary, primary_only
 from sst_jax.models.sharding import parse_mesh, place_model
 
 EXPERIMENTS = {"exp1": exp1_safety_tax, "exp2": exp2_multitask, "exp3": exp3_baseline}
@@ -66,7 +69,9 @@ class RunSettings:
                    judge=flags.judge, external_adapters=tuple(parse_adapter_flags(flags.safety_adapter,
                                                                                   flags.utility_adapters).items()),
                    export_adapters=flags.export_adapters, log_file=flags.log_file,
-                   mesh=tuple(parse_mesh(flags.mesh).items()), dry_run=flags.dry_run, device_gb=flags.device_gb,
+                   # A dry run plans for the mesh it is given, not for this host's devices.
+                   mesh=tuple(parse_mesh(flags.mesh, n_devices=(1 << 30) if flags.dry_run and flags.mesh else None).items()),
+                   dry_run=flags.dry_run, device_gb=flags.device_gb,
                    seeds=parse_seeds(flags.seeds))
 
 
@@ -106,8 +111,9 @@ def run_from_flags(flags) -> int:
 
 
 def attach_log_file(settings: RunSettings) -> Path | None:
-    """Mirror the run's log into <output_dir>/logs/run-<time>.log (or --log_file); '' disables."""
-    if settings.log_file == "":
+    """Mirror the run's log into <output_dir>/logs/run-<time>.log (or --log_file); '' disables.
+    In a multi-host run only process 0 writes it."""
+    if settings.log_file == "" or not is_primary():
         return None
     path = Path(settings.log_file) if settings.log_file else Path(settings.output_dir) / "logs" / f"run-{timestamp()}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +148,8 @@ def make_judge(name: str):
         return KeywordRefusalJudge()
     if name == "rule":
         return RefusalRuleJudge()
+    if name == "semantic":  # the shipped weights; loads its own float32 feature model
+        return SemanticRefusalJudge.load()
     raise SstJaxError(f"unknown judge {name!r}")
 
 
@@ -189,7 +197,7 @@ def run_model(model_name: str, settings: RunSettings) -> list[Path]:
         }
         payload.update(headline_entries(exp, payload))
         path = write_result(result_path(out, exp, model_name, settings.mode), payload)
-        report.write_reports(exp, payload, path.parent)
+        primary_only(report.write_reports, exp, payload, path.parent, name=f"reports in {path.parent}")
         report.print_summary(exp, payload)
         written.append(path)
     return written
@@ -204,10 +212,13 @@ def dry_run_plan(model_name: str, settings: RunSettings):
     layers = None if not top or top >= config.n_layers else range(config.n_layers - int(top), config.n_layers)
     dtype = settings.dtype or default_dtype()
     device_bytes = int(settings.device_gb * 1e9) if settings.device_gb else device_memory_bytes()
+    # Fisher chunk: the config's, else default_chunk() of this backend, or of an accelerator when
+    # --device_gb plans for a device other than this machine's.
     return memory_plan(config, mesh_shape=dict(settings.mesh), dtype=dtype, lora_r=int(lcfg["r"]),
                        lora_targets=tuple(lcfg["targets"]), lora_layers=None if layers is None else list(layers),
                        batch_size=int(tcfg["batch_size"]), seq_len=int(tcfg.get("max_length", 512)),
-                       fisher_chunk=int(fcfg.get("chunk", 8)), gen_batch=int(gcfg["batch_size"]),
+                       fisher_chunk=int(fcfg.get("chunk") or default_chunk("gpu" if settings.device_gb else None)),
+                       gen_batch=int(gcfg["batch_size"]),
                        max_new_tokens=int(gcfg["max_new_tokens"]), device_bytes=device_bytes, name=model_name)
 
 

@@ -333,7 +333,8 @@ class Workbench:
             data = self.fisher_data(domains)
             if fisher_samples is not None:
                 data["fisher_samples"] = tuple(map(int, fisher_samples))
-            hparams.setdefault("chunk", int(self.cfg["fisher"].get("chunk", 8)))
+            if self.cfg["fisher"].get("chunk") is not None:  # else merge_adapters: the backend's default_chunk()
+                hparams.setdefault("chunk", int(self.cfg["fisher"]["chunk"]))
         with self.timings("merge"):
             return merge_adapters(self.model, utility=list(utilities), safety=safety, method=method, alpha=alpha,
                                   weights=list(weights), hparams=hparams, seed=self.seed,

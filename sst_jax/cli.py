@@ -31,6 +31,7 @@ from sst_jax.merge import get_method, list_methods
 from sst_jax.models import load_model
 from sst_jax.models.api import model_config
 from sst_jax.models.memory import memory_plan
+from sst_jax.models import distributed
 from sst_jax.models.sharding import parse_mesh, place_model
 
 HELP = {"-h", "--help", "-?", "--helpshort", "--helpfull"}
@@ -51,7 +52,9 @@ def _merge_flags() -> flags.FlagValues:
     flags.DEFINE_string("method", "sst", "Merge method (see --list_methods).", **d)
     flags.DEFINE_float("alpha", 1.0, "Weight of the safety adapter (for sst: of its projected part).", **d)
     flags.DEFINE_multi_string("set", [], "A method hyper-parameter as key=value (repeatable), e.g. --set k=32 "
-                              "--set density=0.2; names and types are checked against the method's declaration.", **d)
+                              "--set density=0.2; names and types are checked against the method's declaration. "
+                              "chunk=N (data-aware methods): samples per vmapped Fisher gradient step, speed/memory "
+                              "only (default: 4 on CPU, 16 on GPU/TPU).", **d)
     flags.DEFINE_string("harmful", None, "File of harmful prompts (field 'prompt', optional 'response' = the refusal "
                         "to reinforce; default: a refusal sentence). Default: the embedded HarmBench + Do-Not-Answer "
                         "training split.", **d)
@@ -83,8 +86,10 @@ def _merge_flags() -> flags.FlagValues:
     flags.DEFINE_string("mesh", None, "Device mesh data=D,fsdp=F,tensor=T for the base weights (default: every "
                         "local device on data; FSDP/tensor split a model that does not fit one device).", **d)
     flags.DEFINE_bool("dry_run", False, "Print the per-device memory plan of this merge (weights, Fisher pass at "
-                      "the chunk, base-answer generation) for --model and --mesh, and exit.", **d)
+                      "--set chunk=N, else 8 samples in this plan; base-answer generation) for --model and --mesh, "
+                      "and exit.", **d)
     flags.DEFINE_integer("verbosity", 0, "0: one-line errors, INFO logs off; 1: tracebacks and INFO logs.", **d)
+    distributed.define_flags(fv)  # --coordinator_address, --num_processes, --process_id
     return fv
 
 
@@ -119,7 +124,8 @@ def _split_weight(entry: str) -> tuple[str, float]:
 
 def merge_settings(fv: flags.FlagValues) -> dict:
     """One settings dict from --config (if any) and the flags; explicit flags win."""
-    names = [n for n in fv if n not in ("config", "verbosity", "list_methods")]
+    names = [n for n in fv if n not in ("config", "verbosity", "list_methods",  # multi-host flags: command line only
+                                        "coordinator_address", "num_processes", "process_id")]
     settings = {n: fv[n].value for n in names}
     if fv.config:
         path = Path(fv.config)
@@ -234,6 +240,7 @@ def run_merge(argv: list[str]) -> int:
     fv = _merge_flags()
     fv(argv)
     _logging(fv.verbosity)
+    distributed.initialize_from_flags(fv)  # before any JAX work; multi-host runs only
     if fv.list_methods:
         print(list_methods_text())
         return 0

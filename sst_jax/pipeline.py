@@ -40,8 +40,9 @@ from sst_jax.data import embedded
 from sst_jax.data.examples import Example, as_examples, batches_digest, encode_examples, interleave, to_batches
 from sst_jax.data.sources import load_prompts
 from sst_jax.errors import AdapterError, DatasetError, HyperParameterError, SstJaxError
+from sst_jax.fisher import resolve_chunk
 from sst_jax.eval.safety import generate_responses
-from sst_jax.io_utils import atomic_directory, atomic_path, atomic_write_json, atomic_write_text, stable_hash
+from sst_jax.io_utils import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text, stable_hash
 from sst_jax.lora.adapter import LoraAdapter
 from sst_jax.lora.check import check_compatible
 from sst_jax.lora.peft_io import load_peft
@@ -51,6 +52,8 @@ from sst_jax.merge.ties import expert_digest
 from sst_jax.models.branches import concat_lowrank
 from sst_jax.models import LoadedModel, load_model
 from sst_jax.models.api import HUB_PRESETS
+from sst_jax.models.distributed import agree, primary_only
+from sst_jax.models.sharding import to_host
 
 DEFAULT_FISHER_SAMPLES = 64
 MIN_ROWS = 3  # fewer rows than this cannot estimate anything: an error, not a warning
@@ -98,7 +101,7 @@ def model_identity(model: LoadedModel) -> dict:
         # Every weight, sampled at 4096 evenly spaced entries (a folded merge changes every entry
         # of its modules, so any sample sees it) plus its shape: cheap even at 14B.
         step = max(1, int(leaf.size) // 4096)
-        sample = np.asarray(jax.numpy.ravel(leaf)[::step])  # sampled on the device, not copied whole
+        sample = to_host(jax.numpy.ravel(leaf)[::step])  # sampled on the device(s), not copied whole
         h.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
         h.update(np.ascontiguousarray(sample).tobytes())
     return {"family": c.architecture, "layers": c.n_layers, "d_model": c.d_model,
@@ -243,6 +246,9 @@ def merge_adapters(model: str | LoadedModel, *, utility: Any = None, safety: Any
 
     timings: dict[str, float] = {}
     stats_report = {}
+    if hp.get("chunk") is None and any(p.name == "chunk" for p in spec.params):
+        # Samples per vmapped Fisher gradient: the backend's default (4 CPU, 16 GPU/TPU), recorded.
+        hp = {**hp, "chunk": resolve_chunk(None, getattr(model, "mesh", None))}
     kwargs = dict(hp)
     if spec.data_aware and spec.statistics is not None:
         data = _resolve_data(user, model, n_h, n_b, seed, cache_dir, progress)
@@ -330,15 +336,13 @@ def base_answers(model: LoadedModel, prompts: Sequence[str], *, cache_dir=None, 
     if cache_dir is not None:
         recipe = {"model": model_identity(model), "prompts": list(prompts), "max_new_tokens": max_new_tokens}
         path = Path(cache_dir) / "base_answers" / f"answers-{stable_hash(recipe)}.pkl"
-        if path.exists():
+        if agree(path.exists(), str(path)):
             with open(path, "rb") as f:
                 return pickle.load(f)
     answers = generate_responses(model, model.params, list(prompts), max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, progress=progress, desc="base answers")
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            pickle.dump(answers, f)
+    if path is not None:  # process 0 writes; the others wait for it
+        primary_only(atomic_write_bytes, path, pickle.dumps(answers), name=str(path))
     return answers
 
 
@@ -376,7 +380,7 @@ def _statistics(spec, inputs, batches: dict, hp: dict, model: LoadedModel, cache
                   "safety": None if inputs.safety is None else adapter_digest(inputs.safety),
                   "data": digest, "seed": seed}
         path = Path(cache_dir) / "statistics" / f"stats-{stable_hash(recipe)}.pkl"
-        if path.exists():
+        if agree(path.exists(), str(path)):
             try:
                 with open(path, "rb") as f:
                     return pickle.load(f)
@@ -384,9 +388,7 @@ def _statistics(spec, inputs, batches: dict, hp: dict, model: LoadedModel, cache
                 logging.warning("statistics cache %s unreadable (%s); recomputing", path, err)
     stats = spec.statistics(inputs, batches, **stat_kw)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            pickle.dump(jax.device_get(stats), f)
+        primary_only(atomic_write_bytes, path, pickle.dumps(jax.device_get(stats)), name=str(path))
     return stats
 
 
@@ -409,6 +411,16 @@ def write_merge(result: MergeResult, output: str | os.PathLike, *, format: str =
     if format == "peft" and not result.exact and rank is None:
         raise SstJaxError(f"method {result.method!r} produces a dense ΔW; a PEFT adapter needs --rank N "
                           "(SVD truncation, error reported) or use --format hf")
+    if format == "hf" and jax.process_count() > 1:
+        raise SstJaxError("--format hf (merged full weights) is written by one process; run it on one host, "
+                          "or write --format peft and merge the adapter into the weights there")
+    primary_only(_write_merge_folder, result, output, format, rank, model, extra_report, name=str(output))
+    logging.info("wrote %s (%s)", output, format)
+    return output
+
+
+def _write_merge_folder(result: MergeResult, output: Path, format: str, rank: int | None,
+                        model: LoadedModel | None, extra_report: dict | None) -> None:
     with atomic_directory(output) as staging:
         if format == "peft":
             errors = result.to_peft(str(staging), rank=rank, base_config=None if model is None else model.config,
@@ -421,8 +433,6 @@ def write_merge(result: MergeResult, output: str | os.PathLike, *, format: str =
         report.pop("export", None)
         atomic_write_json(staging / "merge_report.json", report)
         atomic_write_text(staging / "merge_report.md", report_markdown(report))
-    logging.info("wrote %s (%s)", output, format)
-    return output
 
 
 def package_versions() -> dict[str, str]:

@@ -4,6 +4,9 @@
 replace the keyword judge without touching the evaluation code. Two rule judges ship:
 KeywordRefusalJudge ("keyword-gcg", the original's rule, the experiments' default) and
 RefusalRuleJudge ("refusal-rule-v1": an apology alone is not a refusal; see its docstring).
+A classifier judge trained here, SemanticRefusalJudge ("semantic-lr-v1"), is in
+sst_jax.eval.semantic_judge (it needs the feature model, so it is kept out of this module);
+`judge_agreement` measures any judge against hand labels.
 
 The keyword judge uses the pinned `test_prefixes` list of the GCG paper (Zou et al., 2023,
 "Universal and Transferable Adversarial Attacks on Aligned Language Models",
@@ -193,3 +196,34 @@ class RefusalRuleJudge:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return [self.judge_one(r) for r in responses]
+
+
+# ---------------------------------------------------------------------------- agreement
+
+
+def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float | None:
+    """Cohen's κ of two binary raters: (p_o − p_e) / (1 − p_e); None when p_e = 1 (both raters
+    gave one and the same label to every item, so chance agreement is total)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need two equally long, non-empty label lists; got {len(a)} and {len(b)}")
+    n = len(a)
+    p_o = sum(x == y for x, y in zip(a, b)) / n
+    pa, pb = sum(map(bool, a)) / n, sum(map(bool, b)) / n
+    p_e = pa * pb + (1 - pa) * (1 - pb)
+    return None if p_e == 1 else (p_o - p_e) / (1 - p_e)
+
+
+def judge_agreement(labels: Sequence[bool], verdicts: Sequence[bool]) -> dict:
+    """A judge's verdicts against reference labels (True = refusal): n, accuracy, Cohen's κ,
+    false refusals (judged a refusal, labelled not) and missed refusals (labelled, not judged)."""
+    if len(labels) != len(verdicts):
+        raise ValueError(f"{len(labels)} labels but {len(verdicts)} verdicts")
+    pairs = [(bool(x), bool(y)) for x, y in zip(labels, verdicts)]
+    n = len(pairs)
+    return {"n": n,
+            "accuracy": sum(x == y for x, y in pairs) / n if n else None,
+            "kappa": cohen_kappa([x for x, _ in pairs], [y for _, y in pairs]) if n else None,
+            "false_refusals": sum(y and not x for x, y in pairs),
+            "missed_refusals": sum(x and not y for x, y in pairs),
+            "labelled_refusals": sum(x for x, _ in pairs),
+            "judged_refusals": sum(y for _, y in pairs)}

@@ -32,6 +32,7 @@ from sst_jax.data.chat import collate, encode_plain
 from sst_jax.data.sources import MCQuestion
 from sst_jax.eval.metrics import Estimate, proportion
 from sst_jax.models import forward, last_token_logits, response_log_likelihood
+from sst_jax.models.sharding import model_mesh, padded_rows, put_batch, to_host
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -147,22 +148,21 @@ def evaluate_mc(model, params, questions: Sequence[MCQuestion], *, branches=None
     start = time.perf_counter()
     bar = tqdm(total=len(questions), desc=desc, unit="q", disable=not progress, leave=False)
     q_per_batch = batch_size if fast else max(1, batch_size // 4)
+    mesh = model_mesh(model)  # batches split over its batch axes; the extra rows are dropped
     for lo in range(0, len(order), q_per_batch):
         idx = order[lo: lo + q_per_batch]
         if fast:
-            seqs = _pad_rows([encoded[i][0][0][:-1] for i in idx], q_per_batch)
-            batch = collate(seqs, pad)
-            out = _choice_logprobs(config, params, jnp.asarray(batch["input_ids"]),
-                                   jnp.asarray(batch["attention_mask"]), branches,
+            seqs = _pad_rows([encoded[i][0][0][:-1] for i in idx], padded_rows(q_per_batch, mesh))
+            batch = put_batch(mesh, collate(seqs, pad))
+            out = _choice_logprobs(config, params, batch["input_ids"], batch["attention_mask"], branches,
                                    jnp.asarray(choice_ids, jnp.int32))
-            scores[idx] = np.asarray(out)[: len(idx)]
+            scores[idx] = to_host(out)[: len(idx)]
         else:
-            pairs = _pad_rows([encoded[i][c] for i in idx for c in range(4)], 4 * q_per_batch)
-            batch = collate([p[0] for p in pairs], pad, loss_masks=[p[1] for p in pairs])
-            out = _sequence_loglik(config, params, jnp.asarray(batch["input_ids"]),
-                                   jnp.asarray(batch["attention_mask"]),
-                                   jnp.asarray(batch["loss_mask"]), branches)
-            scores[idx] = np.asarray(out)[: 4 * len(idx)].reshape(len(idx), 4)
+            pairs = _pad_rows([encoded[i][c] for i in idx for c in range(4)], padded_rows(4 * q_per_batch, mesh))
+            batch = put_batch(mesh, collate([p[0] for p in pairs], pad, loss_masks=[p[1] for p in pairs]))
+            out = _sequence_loglik(config, params, batch["input_ids"], batch["attention_mask"],
+                                   batch["loss_mask"], branches)
+            scores[idx] = to_host(out)[: 4 * len(idx)].reshape(len(idx), 4)
         bar.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - start

@@ -18,7 +18,6 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
@@ -30,6 +29,7 @@ from sst_jax.data.utility_tasks import matches_answer
 from sst_jax.eval.judge import Judge, KeywordRefusalJudge, is_degenerate
 from sst_jax.eval.metrics import Estimate, bootstrap_interval, proportion
 from sst_jax.models import forward, generate, response_nll
+from sst_jax.models.sharding import model_mesh, padded_rows, put_batch, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,13 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
     generated tokens, seconds and tokens per second.
 
     Prompts are processed in order of length (less padding per bucket); every batch has
-    `batch_size` rows (the last padded by repetition) so shapes repeat.
+    `batch_size` rows (the last padded by repetition) so shapes repeat. Fewer prompts than
+    `batch_size` run as one batch rounded up to a multiple of 8, not a mostly padded full one.
+    Rows are rounded up to split over the batch axes of the model's mesh (the extra rows
+    repeat the last and are dropped).
     """
+    batch_size = max(1, min(batch_size, -(-len(prompts) // 8) * 8))
+    mesh = model_mesh(model)
     tok = model.tokenizer
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else model.config.pad_token_id)
     eos = _eos_ids(model)
@@ -99,11 +104,10 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False)
     for lo in range(0, len(order), batch_size):
         idx = order[lo: lo + batch_size]
-        batch = collate(_pad_rows([encoded[i] for i in idx], batch_size), pad)
-        new = generate(model.config, params, jnp.asarray(batch["input_ids"]),
-                       jnp.asarray(batch["attention_mask"]), max_new_tokens=max_new_tokens,
-                       branches=branches, eos_token_ids=sorted(eos))
-        new = np.asarray(new)[: len(idx)]
+        batch = put_batch(mesh, collate(_pad_rows([encoded[i] for i in idx], padded_rows(batch_size, mesh)), pad))
+        new = generate(model.config, params, batch["input_ids"], batch["attention_mask"],
+                       max_new_tokens=max_new_tokens, branches=branches, eos_token_ids=sorted(eos))
+        new = to_host(new)[: len(idx)]
         for i, text in zip(idx, decode_responses(tok, new, eos)):
             responses[i] = text
         n_tokens += int(sum(next((k for k, t in enumerate(r.tolist()) if t in eos), len(r))
@@ -191,9 +195,11 @@ def teacher_forced_nll(model, params, pairs: Sequence[tuple[str, str]], *, branc
                        batch_size: int = 16, chat: bool = True, system: str | None = None,
                        max_length: int | None = None, seed: int = 0, progress: bool = True,
                        desc: str = "nll") -> NLLResult:
-    """Mean response-token NLL of each (prompt, response), chat-formatted (or plain text)."""
+    """Mean response-token NLL of each (prompt, response), chat-formatted (or plain text);
+    batches split over the model's mesh like `generate_responses`."""
     if not pairs:
         raise ValueError("no (prompt, response) pairs")
+    mesh = model_mesh(model)
     tok = model.tokenizer
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else model.config.pad_token_id)
     if chat:
@@ -205,12 +211,11 @@ def teacher_forced_nll(model, params, pairs: Sequence[tuple[str, str]], *, branc
     bar = tqdm(total=len(pairs), desc=desc, unit="ex", disable=not progress, leave=False)
     for lo in range(0, len(order), batch_size):
         idx = order[lo: lo + batch_size]
-        rows = _pad_rows([encoded[i] for i in idx], batch_size)
-        batch = collate([r[0] for r in rows], pad, loss_masks=[r[1] for r in rows])
-        out = _batch_nll(model.config, params, jnp.asarray(batch["input_ids"]),
-                         jnp.asarray(batch["attention_mask"]), jnp.asarray(batch["loss_mask"]),
-                         branches)
-        values[idx] = np.asarray(out)[: len(idx)]
+        rows = _pad_rows([encoded[i] for i in idx], padded_rows(batch_size, mesh))
+        batch = put_batch(mesh, collate([r[0] for r in rows], pad, loss_masks=[r[1] for r in rows]))
+        out = _batch_nll(model.config, params, batch["input_ids"], batch["attention_mask"],
+                         batch["loss_mask"], branches)
+        values[idx] = to_host(out)[: len(idx)]
         bar.update(len(idx))
     bar.close()
     return NLLResult(per_item=tuple(float(v) for v in values),

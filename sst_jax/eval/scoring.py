@@ -6,6 +6,8 @@ refusal: rate of judged refusals on harmful prompts; over_refusal: the same on b
 (both Wilson 95% intervals); utility_nll: mean teacher-forced response NLL of the utility pairs
 (bootstrap 95% interval). Greedy generation with the chat template; the judge sees the response
 only. The records keep every prompt, response and verdict, so paired tests can use them.
+
+    metrics, records = rescore(ev, judge)   # a stored evaluation re-judged, no generation
 """
 
 from __future__ import annotations
@@ -45,4 +47,24 @@ def score(model, deltas: Any = None, *, harmful: Sequence[str] = (), benign: Seq
         metrics["utility_nll"] = nll.mean.value
         metrics["utility_nll_ci"] = [nll.mean.low, nll.mean.high]
         records["utility"] = [{"prompt": p, "response": r, "nll": v} for (p, r), v in zip(utility, nll.per_item)]
+    return metrics, records
+
+
+def rescore(evaluation: dict, judge) -> tuple[dict, dict]:
+    """(metrics, records) of a stored evaluation re-judged by `judge`, without generating again.
+
+    `evaluation` is any object with records {"harmful": [...], "benign": [...]} of
+    {"prompt", "response", ...} rows, as `score` and the experiments' result JSON write them
+    (one configuration's `ev`). Returns refusal / over_refusal (Wilson 95%) by the new judge and
+    copies of the records with "refused" replaced by its verdicts; other fields are kept.
+    """
+    metrics: dict[str, Any] = {}
+    records: dict[str, Any] = {}
+    for name, part in (("refusal", "harmful"), ("over_refusal", "benign")):
+        rows = (evaluation.get("records") or {}).get(part) or []
+        if not rows:
+            continue
+        verdicts = [bool(v) for v in judge([r["prompt"] for r in rows], [r["response"] for r in rows])]
+        metrics[name] = proportion(verdicts).as_dict()
+        records[part] = [{**r, "refused": v} for r, v in zip(rows, verdicts)]
     return metrics, records

@@ -21,6 +21,9 @@ or at M = Σ (θ₀ + ΔW_U + ΔW_S), or at any given M₀. Coordinates of M are
 vec(diag Σ) = `CoreSpace.phi`. Several cores on one module (one per expert, `sst_multi`) are
 keyed (layer, module, i) and added side by side.
 
+Every pass splits its samples over the `data` axis of `mesh`, by default the model's own
+(`LoadedModel.mesh`, set by `sharding.place_model`; a model without one: its default device).
+
 K-FAC and the dense-weight diagonal share one pass: zero `OutputTap`s on the module outputs
 give g_t = ∂Lᵢ/∂y_t, and `forward(capture_inputs=True)` gives the inputs x_t; K-FAC sums
 x xᵀ and g gᵀ, the diagonal squares the per-sample weight gradient Σ_t g_t x_tᵀ.
@@ -40,10 +43,11 @@ from absl import logging
 from jax.sharding import Mesh, PartitionSpec
 from tqdm.auto import tqdm
 
-from sst_jax.fisher.per_sample import FisherStats, pad_block, accumulate
+from sst_jax.fisher.per_sample import FisherStats, accumulate, local_result, pad_block, place_block, resolve_chunk
 from sst_jax.models import forward
 from sst_jax.models.branches import Branches, LowRank, ModuleKey, OutputTap, add_branches
 from sst_jax.models.loss import response_nll
+from sst_jax.models.sharding import model_mesh, shard_map, to_host
 
 Labels = Literal["empirical", "model"]
 _HI = jax.lax.Precision.HIGHEST
@@ -77,7 +81,7 @@ def with_targets(config, params, batch: Mapping[str, Any], *, labels: Labels = "
     elif labels == "model":
         if key is None:
             raise ValueError("labels='model' needs a PRNG key")
-        out["targets"] = np.asarray(_sampled_targets(config, params, branches or {}, out["input_ids"],
+        out["targets"] = to_host(_sampled_targets(config, params, branches or {}, out["input_ids"],
                                                      out["attention_mask"], out["loss_mask"], key))
     else:
         raise ValueError(f"labels must be 'empirical' or 'model', got {labels!r}")
@@ -205,7 +209,7 @@ def core_spaces(adapter: Branches, *, rank: int | None = None) -> dict[ModuleKey
 def core_fisher(model, base_branches: Branches, spaces: Mapping[Any, CoreSpace],
                 batches: Iterable[Mapping[str, Any]], *, labels: Labels = "empirical",
                 key: jax.Array | None = None, at: str | Mapping[Any, jax.Array] = "zero",
-                stats: Sequence[str] = ("dense",), chunk: int = 8, remat: bool = False,
+                stats: Sequence[str] = ("dense",), chunk: int | None = None, remat: bool = False,
                 mesh: Mesh | None = None, total: int | None = None, desc: str = "core fisher",
                 progress: bool = True) -> FisherStats:
     """Fisher of every core M (FisherStats.dense[key]: r²×r²; .diag[key]: r×r), one vmapped
@@ -229,12 +233,13 @@ def core_fisher(model, base_branches: Branches, spaces: Mapping[Any, CoreSpace],
     loss = lm_loss_fn(model.config, _core_branches)
     data = _labelled(model.config, model.params, batches, labels, key, point)
     return accumulate(loss, cores, data, fixed=(model.params, extra), stats=stats, chunk=chunk,
-                      remat=remat, mesh=mesh, total=total, desc=desc, progress=progress)
+                      remat=remat, mesh=mesh if mesh is not None else model_mesh(model), total=total,
+                      desc=desc, progress=progress)
 
 
 def branch_fisher(model, base_branches: Branches, trainable: Branches,
                   batches: Iterable[Mapping[str, Any]], *, stats: Sequence[str] = ("diag",),
-                  labels: Labels = "empirical", key: jax.Array | None = None, chunk: int = 8,
+                  labels: Labels = "empirical", key: jax.Array | None = None, chunk: int | None = None,
                   remat: bool = False, mesh: Mesh | None = None, total: int | None = None,
                   desc: str = "fisher", progress: bool = True) -> FisherStats:
     """Fisher statistics of any branch pytree (e.g. LoRA factors), added beside base_branches."""
@@ -242,8 +247,8 @@ def branch_fisher(model, base_branches: Branches, trainable: Branches,
     loss = lm_loss_fn(model.config, _added_branches)
     data = _labelled(model.config, model.params, batches, labels, key, point)
     return accumulate(loss, dict(trainable), data, fixed=(model.params, dict(base_branches)),
-                      stats=stats, chunk=chunk, remat=remat, mesh=mesh, total=total, desc=desc,
-                      progress=progress)
+                      stats=stats, chunk=chunk, remat=remat, mesh=mesh if mesh is not None else model_mesh(model),
+                      total=total, desc=desc, progress=progress)
 
 
 def diagonal_fisher(model, base_branches: Branches, trainable: Branches,
@@ -330,8 +335,8 @@ def _compiled_taps(update, tap_loss_fn, out_items, acc_leaves, acc_def, chunk, m
     if mesh is None:
         return jax.jit(step)
     rep, shard = PartitionSpec(), PartitionSpec(axis)
-    return jax.jit(jax.shard_map(lambda f, b, m: jax.lax.psum(step(f, b, m), axis), mesh=mesh,
-                                 in_specs=(rep, shard, shard), out_specs=rep, check_vma=False))
+    return jax.jit(shard_map(lambda f, b, m: jax.lax.psum(step(f, b, m), axis), mesh=mesh,
+                             in_specs=(rep, shard, shard), out_specs=rep, axis=axis))
 
 
 def _is_shape(x) -> bool:
@@ -339,10 +344,11 @@ def _is_shape(x) -> bool:
 
 
 def _tap_pass(update, tap_loss_fn, fixed, batches: Iterable[Any], out_dims: Mapping[Any, int], acc_shapes,
-              *, chunk: int, mesh: Mesh | None, axis: str, total: int | None, desc: str,
+              *, chunk: int | None, mesh: Mesh | None, axis: str, total: int | None, desc: str,
               progress: bool) -> tuple[Any, int, float]:
     """(sums, n_samples, seconds) of `update` over all batches, one jitted step per block."""
     leaves, treedef = jax.tree.flatten(acc_shapes, is_leaf=_is_shape)
+    chunk = resolve_chunk(chunk, mesh)
     step = _compiled_taps(update, tap_loss_fn, tuple(sorted(out_dims.items(), key=repr)), tuple(leaves), treedef,
                           chunk, mesh, axis)
     n_dev = 1 if mesh is None else int(mesh.shape[axis])
@@ -351,7 +357,7 @@ def _tap_pass(update, tap_loss_fn, fixed, batches: Iterable[Any], out_dims: Mapp
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
     for block in batches:
         block, mask, n = pad_block(block, chunk * n_dev)
-        sums = step(fixed, block, mask)
+        sums = step(fixed, *place_block(block, mask, mesh, axis))
         acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
         jax.block_until_ready(acc)
         n_samples += n
@@ -359,11 +365,11 @@ def _tap_pass(update, tap_loss_fn, fixed, batches: Iterable[Any], out_dims: Mapp
     bar.close()
     if acc is None:
         raise ValueError(f"{desc}: no samples in batches")
-    return acc, n_samples, time.perf_counter() - start
+    return local_result(acc), n_samples, time.perf_counter() - start
 
 
 def kfac_accumulate(tap_loss_fn, fixed, batches: Iterable[Any], out_dims: Mapping[Any, int],
-                    in_dims: Mapping[Any, int], *, chunk: int = 8, mesh: Mesh | None = None,
+                    in_dims: Mapping[Any, int], *, chunk: int | None = None, mesh: Mesh | None = None,
                     axis: str = "data", total: int | None = None, desc: str = "kfac",
                     progress: bool = True) -> KfacFactors:
     """K-FAC factors from zero-perturbation taps (see `_tap_scan`); A averaged over the masked
@@ -402,7 +408,7 @@ def _lm_tap_loss_cached(config):
 
 def kfac_factors(model, base_branches: Branches, modules: Sequence[ModuleKey],
                  batches: Iterable[Mapping[str, Any]], *, labels: Labels = "empirical",
-                 key: jax.Array | None = None, chunk: int = 8, mesh: Mesh | None = None,
+                 key: jax.Array | None = None, chunk: int | None = None, mesh: Mesh | None = None,
                  total: int | None = None, desc: str = "kfac", progress: bool = True) -> KfacFactors:
     """K-FAC factors of `modules` at θ₀ + base_branches: A = E[x xᵀ] over the positions that
     predict response tokens, G = E_samples[Σ_t g gᵀ] with g = ∂Lᵢ/∂y_t from zero taps."""
@@ -411,8 +417,8 @@ def kfac_factors(model, base_branches: Branches, modules: Sequence[ModuleKey],
     in_dims = {k: config.module_shape(k[1])[1] for k in modules}
     data = _labelled(config, model.params, batches, labels, key, dict(base_branches))
     return kfac_accumulate(_lm_tap_loss(config), (model.params, dict(base_branches)), data,
-                           out_dims, in_dims, chunk=chunk, mesh=mesh, total=total, desc=desc,
-                           progress=progress)
+                           out_dims, in_dims, chunk=chunk, mesh=mesh if mesh is not None else model_mesh(model),
+                           total=total, desc=desc, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +427,7 @@ def kfac_factors(model, base_branches: Branches, modules: Sequence[ModuleKey],
 
 def weight_diag_fisher(model, base_branches: Branches, modules: Sequence[ModuleKey],
                        batches: Iterable[Mapping[str, Any]], *, labels: Labels = "empirical",
-                       key: jax.Array | None = None, chunk: int = 8, mesh: Mesh | None = None,
+                       key: jax.Array | None = None, chunk: int | None = None, mesh: Mesh | None = None,
                        axis: str = "data", total: int | None = None, desc: str = "diag fisher",
                        progress: bool = True) -> FisherStats:
     """Diagonal Fisher E_i[(∂Lᵢ/∂W)²] of the dense weight W (out, in) of each of `modules`, at
@@ -433,7 +439,8 @@ def weight_diag_fisher(model, base_branches: Branches, modules: Sequence[ModuleK
     data = _labelled(config, model.params, batches, labels, key, dict(base_branches))
     acc, n_samples, seconds = _tap_pass(
         _weight_diag_update, _lm_tap_loss(config), (model.params, dict(base_branches)), data,
-        {k: s[0] for k, s in shapes.items()}, shapes, chunk=chunk, mesh=mesh, axis=axis, total=total,
+        {k: s[0] for k, s in shapes.items()}, shapes, chunk=chunk,
+        mesh=mesh if mesh is not None else model_mesh(model), axis=axis, total=total,
         desc=desc, progress=progress)
     logging.info("%s: %d samples in %.1f s", desc, n_samples, seconds)
     return FisherStats(n_samples=n_samples, diag={k: v / n_samples for k, v in acc.items()}, seconds=seconds)

@@ -19,9 +19,11 @@ A "module" is a top-level key of `trainable` (which must then be a Mapping, e.g.
 M}); its coordinates are its leaves in `jax.tree.leaves` order, each raveled row-major, which
 is exactly `jax.flatten_util.ravel_pytree(trainable[key])` (see `module_vector`).
 
-Data parallel: with `mesh`, every block of samples is split over the mesh axis `axis`, each
-device scans its own chunks, and the sums are reduced with `psum`, so the result equals the
-single-device one.
+Data parallel: with `mesh`, every block of samples is split over the mesh axis `axis` (each
+process transfers only its devices' samples), each device group scans its own chunks, and the
+sums are reduced with `psum`, so the result equals the single-device one. Only `axis` is
+manual: weights placed over the other mesh axes (fsdp, tensor) stay sharded inside the pass.
+The statistics come back as arrays of this process's default device.
 """
 
 from __future__ import annotations
@@ -36,13 +38,36 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.flatten_util import ravel_pytree
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
+
+from sst_jax.models.sharding import put_global, shard_map, to_host
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, PyTree], jax.Array]
 STATS = ("mean", "diag", "dense", "gram")
 _HI = jax.lax.Precision.HIGHEST
+
+
+CPU_CHUNK = 4
+ACCELERATOR_CHUNK = 16
+
+
+def default_chunk(backend: str | None = None) -> int:
+    """Samples per vmapped gradient step (`chunk`) of every per-sample Fisher pass when none is
+    given: 4 on CPU, where a wider vmap gains little on a few cores and costs activation memory,
+    and 16 on GPU/TPU, where it keeps the matrix units busy. backend: a platform name ("cpu",
+    "gpu", "cuda", "rocm", "tpu", ...) or None for `jax.default_backend()`. An explicit chunk (a
+    config's "fisher": {"chunk": N}, `--set chunk=N`, `chunk=` in the library) always wins."""
+    platform = (backend or jax.default_backend()).lower()
+    return CPU_CHUNK if platform == "cpu" else ACCELERATOR_CHUNK
+
+
+def resolve_chunk(chunk: int | None, mesh: Mesh | None = None) -> int:
+    """`chunk`, or the default of the platform the pass runs on (the mesh's, else the default backend)."""
+    if chunk is not None:
+        return int(chunk)
+    return default_chunk(None if mesh is None else mesh.devices.flat[0].platform)
 
 
 def module_vector(tree: PyTree) -> jax.Array:
@@ -51,9 +76,10 @@ def module_vector(tree: PyTree) -> jax.Array:
 
 
 def per_sample_grads(loss_fn: LossFn, trainable: PyTree, batch: PyTree, *, fixed: PyTree = None,
-                     chunk: int = 16, remat: bool = False) -> PyTree:
-    """∂Lᵢ/∂trainable for every sample i (leading axis N); memory bounded by `chunk` samples."""
-    return _per_sample_grads(loss_fn, trainable, fixed, batch, chunk=chunk, remat=remat)
+                     chunk: int | None = None, remat: bool = False) -> PyTree:
+    """∂Lᵢ/∂trainable for every sample i (leading axis N); memory bounded by `chunk` samples
+    (default: `default_chunk()`)."""
+    return _per_sample_grads(loss_fn, trainable, fixed, batch, chunk=resolve_chunk(chunk), remat=remat)
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "chunk", "remat"))
@@ -148,8 +174,21 @@ def _compiled_step(loss_fn, stats, chunk, remat, groups_items, mesh, axis):
         return jax.lax.psum(acc, axis), grams
 
     rep, shard = PartitionSpec(), PartitionSpec(axis)
-    return jax.jit(jax.shard_map(sharded, mesh=mesh, in_specs=(rep, rep, shard, shard),
-                                 out_specs=(rep, shard), check_vma=False))
+    return jax.jit(shard_map(sharded, mesh=mesh, in_specs=(rep, rep, shard, shard), out_specs=(rep, shard),
+                             axis=axis))
+
+
+def place_block(block: PyTree, mask: np.ndarray, mesh: Mesh | None, axis: str) -> tuple[PyTree, Any]:
+    """(block, mask) split over `axis` of the mesh (unchanged without one)."""
+    if mesh is None:
+        return block, mask
+    sharding = lambda x: NamedSharding(mesh, PartitionSpec(axis, *([None] * (np.ndim(x) - 1))))  # noqa: E731
+    return jax.tree.map(lambda x: put_global(x, sharding(x)), (block, mask))
+
+
+def local_result(tree: PyTree) -> PyTree:
+    """Arrays gathered from the mesh onto this process's default device."""
+    return jax.tree.map(lambda x: jnp.asarray(to_host(x)), tree)
 
 
 def pad_block(block: PyTree, multiple: int) -> tuple[PyTree, np.ndarray, int]:
@@ -162,7 +201,7 @@ def pad_block(block: PyTree, multiple: int) -> tuple[PyTree, np.ndarray, int]:
 
 
 def accumulate(loss_fn: LossFn, trainable: PyTree, batches: Iterable[PyTree], *,
-               fixed: PyTree = None, stats: Sequence[str] = ("diag", "dense"), chunk: int = 16,
+               fixed: PyTree = None, stats: Sequence[str] = ("diag", "dense"), chunk: int | None = None,
                remat: bool = False, mesh: Mesh | None = None, axis: str = "data",
                total: int | None = None, desc: str = "fisher", progress: bool = True) -> FisherStats:
     """Fisher statistics (means over samples) of per-sample gradients of `loss_fn`.
@@ -174,7 +213,8 @@ def accumulate(loss_fn: LossFn, trainable: PyTree, batches: Iterable[PyTree], *,
       batches: iterable of batch pytrees (leading axis = samples); each is one jitted step,
         padded to a multiple of chunk (× mesh size) with masked samples.
       stats: any of "mean", "diag", "dense", "gram".
-      chunk: samples per vmapped gradient (per device with a mesh).
+      chunk: samples per vmapped gradient (per device with a mesh); default `default_chunk()` of
+        the mesh's platform (4 on CPU, 16 on GPU/TPU).
       remat: rematerialize the forward pass in the backward pass (less memory, more compute).
       mesh, axis: shard every block's samples over this mesh axis and psum the sums.
       total: number of samples, for the progress bar.
@@ -185,6 +225,7 @@ def accumulate(loss_fn: LossFn, trainable: PyTree, batches: Iterable[PyTree], *,
     stats = tuple(s for s in STATS if s in stats)
     groups = _module_groups(trainable) if {"dense", "gram"} & set(stats) else {}
     n_dev = 1 if mesh is None else int(mesh.shape[axis])
+    chunk = resolve_chunk(chunk, mesh)
     step = _compiled_step(loss_fn, stats, chunk, remat, tuple(groups.items()), mesh, axis)
 
     acc, grams, n_total = None, [], 0
@@ -192,10 +233,10 @@ def accumulate(loss_fn: LossFn, trainable: PyTree, batches: Iterable[PyTree], *,
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
     for block in batches:
         block, mask, n = pad_block(block, chunk * n_dev)
-        sums, g = step(trainable, fixed, block, mask)
+        sums, g = step(trainable, fixed, *place_block(block, mask, mesh, axis))
         acc = sums if acc is None else jax.tree.map(jnp.add, acc, sums)
         if "gram" in stats:
-            grams.append({d: np.asarray(f)[mask > 0] for d, f in g.items()})
+            grams.append({d: to_host(f)[mask > 0] for d, f in g.items()})
         jax.block_until_ready(acc)
         n_total += n
         bar.update(n)
@@ -205,6 +246,7 @@ def accumulate(loss_fn: LossFn, trainable: PyTree, batches: Iterable[PyTree], *,
         raise ValueError(f"{desc}: no samples in batches")
     logging.info("%s: %d samples in %.1f s (%.2f samples/s)", desc, n_total, seconds, n_total / seconds)
 
+    acc = local_result(acc)
     scale = 1.0 / n_total
     mean = lambda t: jax.tree.map(lambda x: x * scale, t)  # noqa: E731
     out: dict[str, Any] = {}

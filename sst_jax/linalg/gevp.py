@@ -10,8 +10,12 @@ across runs and backends, up to exact ties).
 
 Backends (`backend=` or the environment variable SST_JAX_GEVP_BACKEND; default "auto"):
 - "lapack": each problem goes to LAPACK sygvd (Cholesky, sygst, syevd, back-substitution: what
-  `scipy.linalg.eigh(a, b)` runs), in place, in a loop; through `jax.pure_callback` inside
-  jit. "auto" picks it on the CPU backend, where XLA's batched reduction is slower than LAPACK.
+  `scipy.linalg.eigh(a, b)` runs), in place on aligned work copies, in one host call for the
+  whole batch (through `jax.pure_callback` inside jit). What scipy adds per problem (two copies
+  to Fortran order, finiteness passes, a Python wrapper) is replaced by batched numpy passes, a
+  symmetry probe that skips the symmetrizing copy of inputs already symmetric, and outputs JAX
+  takes over without a copy. "auto" picks it on the CPU backend, where XLA's batched reduction
+  is slower than LAPACK.
 - "reduction": the batched, jitted Cholesky reduction in XLA (two triangular solves,
   symmetrize, eigh), `precision=HIGHEST`; "auto" picks it on accelerators.
 Both raise the same `NumericalError`s with the same messages, and agree to rounding.
@@ -28,7 +32,7 @@ Below that hard limit the result can still be silently inaccurate: in float32 a 
 cond 1e6 gives eigenvalue errors of ~3e-3. We estimate the 1-norm condition number
 κ₁(B_δ) = ‖B_δ‖₁‖B_δ⁻¹‖₁ (κ₂ ≤ κ₁ ≤ n·κ₂; typically κ₁ ≈ 3–7 κ₂): LAPACK ?pocon on the
 Cholesky factor on the lapack path (O(n²), Hager–Higham estimator, within a small factor,
-usually exact; skipped where the bound κ₁ ≤ √n‖B_δ‖₁‖V‖_F² is already far below the threshold), exactly from B_δ⁻¹ = V Vᵀ on the reduction path (one batched matmul); and
+usually exact; skipped where the bound κ₁ ≤ ‖B_δ‖₁‖V‖₁‖V‖∞ is already far below the threshold), exactly from B_δ⁻¹ = V Vᵀ on the reduction path (one batched matmul); and
 when κ₁·eps(dtype) > ILL_CONDITIONED_THRESHOLD = 5e-2 (float32: κ₁ > 4.2e5, about κ₂ > 1e5,
 where eigenvalue errors reach ~1e-4·λmax; float64: κ₁ > 2e14), we warn once per call (`on_ill_conditioned="warn"`, absl logging), raise
 `IllConditionedError` ("raise") or do nothing ("ignore"). float64 inputs while jax_enable_x64
@@ -144,115 +148,217 @@ def _norm1(x, xp):
 
 
 _CHUNK_BYTES = 1 << 20  # work on ~1 MiB of matrices at a time: the vectorised steps stay in cache
+_PROBE_MIN_ROW_BYTES = 512  # shorter rows: a transposed copy is cheaper than the symmetry probe
+_PROBES: dict[int, np.ndarray] = {}
+_XLA_TRANSPOSE_ROW_BYTES = 2048  # from this row length XLA's tiled transpose beats numpy's (3-4× at n=1024)
 
 
-def _lapack_solve(a: np.ndarray, b: np.ndarray, damping, top_k: int | None, exact_cond: bool = False):
-    """The same outputs as `_reduce_and_solve`, from LAPACK in a loop over the batch (numpy in, out)."""
+def _transposed_out(n: int, dtype) -> bool:
+    """Whether the LAPACK path hands back Vᵀ (..., k, n) for XLA to transpose (long rows) rather
+    than V (..., n, k) transposed by numpy."""
+    return n * np.dtype(dtype).itemsize >= _XLA_TRANSPOSE_ROW_BYTES
+
+
+def _lapack_solve(a: np.ndarray, b: np.ndarray, damping, top_k: int | None, exact_cond: bool = False,
+                  transposed: bool = False):
+    """The outputs of `_reduce_and_solve` from LAPACK sygvd per problem (numpy in, out); with
+    `transposed` the eigenvectors come as Vᵀ (..., k, n), row i the i-th (see `_transposed_out`).
+
+    Work buffers of one chunk (≤ 1 MiB in float64) are reused across chunks; the outputs are written in
+    place, into 64-byte aligned buffers that JAX can take over without a copy (`_to_jax`)."""
     a = np.asarray(a)
     b = np.asarray(b, a.dtype)
+    dtype = a.dtype
     batch, n = a.shape[:-2], a.shape[-1]
     af, bf = a.reshape((-1, n, n)), b.reshape((-1, n, n))
     m = af.shape[0]
-    step = max(1, _CHUNK_BYTES // (n * n * a.dtype.itemsize))
-    if m <= step:
-        outs = _lapack_chunk(af, bf, damping, top_k, exact_cond)
-    else:
-        parts = [_lapack_chunk(af[i:i + step], bf[i:i + step], damping, top_k, exact_cond) for i in range(0, m, step)]
-        outs = tuple(np.concatenate([p[j] for p in parts]) for j in range(7))
-    return tuple(o.reshape(batch + o.shape[1:]) for o in outs)
+    k = n if top_k is None else top_k
+    w, v = _aligned_empty((m, k), dtype), _aligned_empty((m, k, n) if transposed else (m, n, k), dtype)
+    finite, ratio, cond = np.zeros(m, bool), np.empty(m, dtype), np.empty(m, dtype)
+    a_ok, b_ok = np.zeros(m, bool), np.zeros(m, bool)
+    step = max(1, min(m, _CHUNK_BYTES // (n * n * 8)))
+    # The symmetry probe runs in float64 (a float64 copy of a float32 chunk, made in cache).
+    probe = n * dtype.itemsize >= _PROBE_MIN_ROW_BYTES
+    wide = np.empty((step, n, n)) if probe and dtype != np.float64 else None
+    work = (_matrix_stack(step, n, dtype), _matrix_stack(step, n, dtype), np.empty((step, n, n), dtype), wide)
+    for i in range(0, m, step):
+        s = slice(i, min(m, i + step))
+        _lapack_chunk(af[s], bf[s], damping, k, exact_cond, work,
+                      (w[s], v[s], finite[s], ratio[s], a_ok[s], b_ok[s], cond[s]), transposed)
+    return (w.reshape(batch + (k,)), v.reshape(batch + ((k, n) if transposed else (n, k))), finite.reshape(batch),
+            ratio.reshape(batch),
+            a_ok.reshape(batch), b_ok.reshape(batch), cond.reshape(batch))
 
 
-def _lapack_chunk(a: np.ndarray, b: np.ndarray, damping, top_k: int | None, exact_cond: bool = False):
-    """`_lapack_solve` of one (m, n, n) chunk."""
+def _lapack_chunk(a: np.ndarray, b: np.ndarray, damping, k: int, exact_cond: bool, work, out,
+                  transposed: bool = False) -> None:
+    """`_lapack_solve` of one (c, n, n) chunk, into the chunk's slices `out` of the outputs."""
     import scipy.linalg.lapack as lapack
 
-    a = np.asarray(a)
     dtype = a.dtype
-    b = np.asarray(b, dtype)
     prefix = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}[np.dtype(dtype)]
     sygvd, pocon = getattr(lapack, prefix + "sygvd"), getattr(lapack, prefix + "pocon")
-    batch, n = a.shape[:-2], a.shape[-1]
-    # Fresh C-contiguous symmetric copies we own: the transpose view of each matrix is Fortran
-    # order and equal to it, so LAPACK works in place (no per-call copies); afterwards the work
-    # copy of A holds the eigenvectors and that of B holds the Cholesky factor L (lower, Fortran).
-    aw = _sym_np(a)
-    bw = _sym_np(b)
-    a_ok = np.all(np.isfinite(aw), axis=(-2, -1))
-    b_ok = np.all(np.isfinite(bw), axis=(-2, -1))
+    c, n = a.shape[0], a.shape[-1]
+    w, v, finite, ratio, a_ok, b_ok, cond = out
+    aw, bw, tmp = (x[:c] for x in work[:3])
+    wide = None if work[3] is None else work[3][:c]
+    # Symmetric C-contiguous work copies: the transpose view of each is Fortran order and equal to
+    # it, so LAPACK works in place (no per-call copies); afterwards aw[j] holds Vᵀ (row i: the i-th
+    # eigenvector, ascending) and bw[j] the Cholesky factor L (lower in the Fortran view).
+    a_ok[:] = _symmetric_copy(a, aw, wide)
+    b_ok[:] = _symmetric_copy(b, bw, wide)
     damping = np.asarray(damping, dtype)
     mean_eig = (np.trace(bw, axis1=-2, axis2=-1) / n).astype(dtype)
     if np.any(damping != 0):  # B_δ: add δ·tr/n to the diagonal only
-        diag = bw.reshape(batch + (n * n,))[..., :: n + 1]
-        diag += (damping * mean_eig)[..., None]  # a view: bw changes in place
-    aw, bw = aw.reshape((-1, n, n)), bw.reshape((-1, n, n))
-    m = aw.shape[0]
-    norms = _norm1(bw, np)
-    k = n if top_k is None else top_k
-    w = np.full((m, k), np.nan, dtype)
-    v = np.full((m, n, k), np.nan, dtype)
-    finite = np.zeros(m, bool)
-    inputs_ok = (a_ok & b_ok & np.isfinite(mean_eig * damping)).reshape(-1)
-    cols = np.arange(k)
-    for i in range(m):
-        if not inputs_ok[i]:
-            continue
-        # LAPACK sygvd (potrf, sygst, syevd, trsm: what scipy.linalg.eigh(a, b) runs), in place.
-        wi, vi, info = sygvd(aw[i].T, bw[i].T, itype=1, jobz="V", uplo="L", overwrite_a=1, overwrite_b=1)
-        if info > n:  # the leading minor of order info − n of B_δ is not positive definite
-            continue
-        if info != 0:  # syevd did not converge: reported like a failed factorization
-            continue
-        finite[i] = True
-        # Descending order, top k, and the sign convention, while the matrix is in cache.
-        vi = vi[:, ::-1][:, :k]
-        w[i] = wi[::-1][:k]
-        np.multiply(vi, np.sign(vi[np.abs(vi).argmax(axis=0), cols]), out=v[i])
-    piv2 = np.square(np.diagonal(bw, axis1=-2, axis2=-1))
-    # κ₁ ≤ U = √n·‖B_δ‖₁·‖V‖_F² (B_δ⁻¹ = V Vᵀ; the full V is still in aw): where even U is below
-    # the ill-conditioning threshold, U stands as the estimate; elsewhere (or when asked) LAPACK's
-    # ?pocon estimates κ₁ from the factor L that sygvd left in bw (O(n²) per matrix).
+        diag = np.lib.stride_tricks.as_strided(bw, (c, n), (bw.strides[0], bw.strides[1] + bw.strides[2]))
+        diag += (damping * mean_eig)[:, None]  # a view: bw changes in place
+    norms = np.abs(bw, out=tmp).sum(axis=-2).max(axis=-1)  # ‖B_δ‖₁
+    finite[:] = False
+    for j in np.flatnonzero(a_ok & b_ok & np.isfinite(mean_eig * damping)):
+        # LAPACK sygvd (potrf, sygst, syevd, trsm: what scipy.linalg.eigh(a, b) runs), in place. info > n:
+        # the leading minor of order info − n of B_δ is not PD; 0 < info ≤ n: syevd did not converge
+        # (reported like a failed factorization).
+        wj, vj, info = sygvd(aw[j].T, bw[j].T, itype=1, jobz="V", uplo="L", overwrite_a=1, overwrite_b=1)
+        if info == 0:
+            finite[j] = True
+            w[j] = wj[::-1][:k]
+            if not np.shares_memory(vj, aw[j]):  # f2py copied after all: keep its results where ours go
+                aw[j].T[...] = vj
+                bw[j].T[...] = np.linalg.cholesky(bw[j])  # bw[j] still holds B_δ
+    # Descending order, top k and the sign convention (largest-magnitude entry positive). LAPACK's
+    # eigenvectors are rows here (columns in Fortran order): V needs one transposed copy, made
+    # here (strided) unless the output is Vᵀ (v of shape (c, k, n)), which XLA then transposes.
+    sq = np.square(aw, out=tmp)
+    rows = aw[:, ::-1][:, :k]
+    pivot = np.take_along_axis(rows, sq[:, ::-1][:, :k].argmax(axis=-1)[..., None], axis=-1)
+    sign = np.where(pivot < 0, -1.0, 1.0).astype(dtype)
+    if transposed:
+        np.multiply(rows, sign, out=v)
+    else:
+        np.multiply(np.swapaxes(rows, -1, -2), np.swapaxes(sign, -1, -2), out=v)
+    w[~finite], v[~finite] = np.nan, np.nan
+    # κ₁(B_δ) ≤ U = ‖B_δ‖₁·√(max dᵢ)·Σ √dᵢ with d = diag(B_δ⁻¹) = Σⱼ Vᵢⱼ² (B_δ⁻¹ = V Vᵀ, the full V;
+    # |Mᵢⱼ| ≤ √(MᵢᵢMⱼⱼ) for M ⪰ 0): where even U is below the ill-conditioning threshold, U stands as
+    # the estimate; elsewhere (or when asked) LAPACK's ?pocon estimates κ₁ from the factor L that
+    # sygvd left in bw (O(n²) per matrix).
     eps = float(np.finfo(dtype).eps)
-    upper = np.sqrt(n) * norms.astype(np.float64) * np.einsum("mij,mij->m", aw, aw, dtype=np.float64)
-    cond = np.where(finite, upper, np.inf)
-    for i in np.flatnonzero(finite & (exact_cond | (upper * eps > 0.5 * ILL_CONDITIONED_THRESHOLD))):
-        rc, _ = pocon(bw[i].T, norms[i], uplo="L")
-        cond[i] = 1.0 / rc if rc > 0 else np.inf
+    with np.errstate(over="ignore", invalid="ignore"):
+        root = np.sqrt(sq.sum(axis=-2).astype(np.float64))
+        upper = norms.astype(np.float64) * root.max(axis=-1) * root.sum(axis=-1)
+    est = np.where(finite, upper, np.inf)
+    for j in np.flatnonzero(finite & (exact_cond | ~(upper * eps <= 0.5 * ILL_CONDITIONED_THRESHOLD))):
+        rc, _ = pocon(bw[j].T, norms[j], uplo="L")
+        est[j] = 1.0 / rc if rc > 0 else np.inf
+    piv2 = np.square(np.diagonal(bw, axis1=-2, axis2=-1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(finite, np.min(piv2, axis=-1) / np.max(piv2, axis=-1), np.nan).astype(dtype)
-        cond = np.where(finite, np.maximum(cond, 1.0 / ratio.astype(np.float64)), np.inf)
-    k = w.shape[-1]
-    return (w.reshape(batch + (k,)), v.reshape(batch + (n, k)), finite.reshape(batch), ratio.reshape(batch),
-            a_ok, b_ok, cond.reshape(batch).astype(dtype))
+        ratio[:] = np.where(finite, np.min(piv2, axis=-1) / np.max(piv2, axis=-1), np.nan)
+        cond[:] = np.where(finite, np.maximum(est, 1.0 / ratio.astype(np.float64)), np.inf)
 
 
-def _sym_np(x: np.ndarray) -> np.ndarray:
-    """(x + xᵀ)/2 as a fresh C-contiguous array (one temporary)."""
-    out = x + np.swapaxes(x, -1, -2)
-    out *= 0.5
-    return out
+def _matrix_stack(count: int, n: int, dtype) -> np.ndarray:
+    """A writable (count, n, n) array whose matrices are each C-contiguous and start on a 64-byte
+    boundary: f2py hands LAPACK an array in place only when it is aligned (an odd-n float32 stack
+    packed end to end is not), and copies it otherwise."""
+    itemsize = np.dtype(dtype).itemsize
+    stride = -(-n * n * itemsize // 64) * 64
+    flat = _aligned_empty((count * stride // itemsize,), dtype)
+    return np.lib.stride_tricks.as_strided(flat, (count, n, n), (stride, n * itemsize, itemsize))
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.empty(shape, dtype) starting on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+_swap_last = jax.jit(lambda x: jnp.swapaxes(x, -1, -2))
+
+
+def _to_jax(x: np.ndarray) -> jax.Array:
+    """A jax.Array of a host result nobody else holds: zero-copy through DLPack where JAX can alias
+    it (CPU, aligned, C-contiguous), else a copy."""
+    if jax.default_backend() == "cpu" and x.flags.c_contiguous and x.ctypes.data % 64 == 0:
+        try:
+            return jnp.from_dlpack(x)
+        except (TypeError, ValueError, RuntimeError):  # a JAX that will not alias this buffer
+            pass
+    return jnp.asarray(x)
+
+
+def _symmetric_copy(x: np.ndarray, out: np.ndarray, wide: np.ndarray | None) -> np.ndarray:
+    """out ← (x + xᵀ)/2 for each matrix of the (c, n, n) chunk x; returns which matrices are finite.
+
+    The transposed read is the costliest step outside LAPACK (strided; as slow as the copy to
+    Fortran order that scipy makes of each input), so for rows of ≥ _PROBE_MIN_ROW_BYTES a matrix
+    that is already symmetric is copied as it is, which gives the same bits ((x + x)/2 = x). The
+    test: p = x u and q = xᵀu for a fixed pseudo-random u, in float64 (contiguous reads only). For
+    symmetric x they differ by rounding only, |pᵢ − qᵢ| ≤ 2γₙ‖x‖_F‖u‖₂ ≤ n·eps₆₄‖x‖_F‖u‖₂; a matrix
+    whose gap exceeds 4× that is symmetrized. So a matrix copied as it is has ‖(x − xᵀ)u‖∞ ≤
+    4n·eps₆₄‖x‖_F‖u‖₂: asymmetric by O(n·eps₆₄) relative, below float32 resolution and at float64
+    rounding level. A NaN/Inf entry makes p, q or ‖x‖_F non-finite; only then is each entry checked."""
+    n = x.shape[-1]
+    if n * x.dtype.itemsize < _PROBE_MIN_ROW_BYTES:
+        np.add(x, np.swapaxes(x, -1, -2), out=out)
+        out *= 0.5
+        ok = np.isfinite(out.sum(axis=(-2, -1)))  # a NaN/Inf entry makes its matrix's sum non-finite
+        for j in np.flatnonzero(~ok):
+            ok[j] = np.isfinite(out[j]).all()  # or the sum overflowed
+        return ok
+    np.copyto(out, x)
+    y = out if wide is None else wide
+    if wide is not None:
+        np.copyto(wide, x)
+    u = _PROBES.get(n)
+    if u is None:
+        u = _PROBES[n] = np.random.default_rng(n).standard_normal(n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        gap = np.abs(y @ u - u @ y).max(axis=-1)
+        fro = np.sqrt([np.dot(m.ravel(), m.ravel()) for m in y])  # each matrix is contiguous: no copies
+        tol = 4.0 * n * float(np.finfo(np.float64).eps) * float(np.linalg.norm(u)) * fro
+    probed = np.isfinite(gap) & np.isfinite(tol)
+    ok = probed.copy()
+    for j in np.flatnonzero(~probed):
+        ok[j] = np.isfinite(x[j]).all()  # a NaN/Inf entry, or finite entries that overflowed the probe
+    for j in np.flatnonzero(ok & ~(probed & (gap <= tol))):
+        np.add(x[j], x[j].T, out=out[j])
+        out[j] *= 0.5
+    return ok
 
 
 def _lapack_traced(a, b, damping, top_k):
     dtype = a.dtype
     n, batch = a.shape[-1], a.shape[:-2]
     k = n if top_k is None else top_k
-    shapes = (jax.ShapeDtypeStruct(batch + (k,), dtype), jax.ShapeDtypeStruct(batch + (n, k), dtype),
+    transposed = _transposed_out(n, dtype)
+    shapes = (jax.ShapeDtypeStruct(batch + (k,), dtype),
+              jax.ShapeDtypeStruct(batch + ((k, n) if transposed else (n, k)), dtype),
               jax.ShapeDtypeStruct(batch, jnp.bool_), jax.ShapeDtypeStruct(batch, dtype),
               jax.ShapeDtypeStruct(batch, jnp.bool_), jax.ShapeDtypeStruct(batch, jnp.bool_),
               jax.ShapeDtypeStruct(batch, dtype))
     d = jnp.broadcast_to(jnp.asarray(damping, dtype), batch)
 
     def host(a_, b_, d_):
-        return _lapack_solve_per_damping(np.asarray(a_), np.asarray(b_), np.asarray(d_), top_k)
+        if np.dtype(a_.dtype) != np.dtype(dtype):
+            # jax hands the callback its operands through device_put, which follows the calling
+            # thread's x64 setting: under the thread-local `jax.enable_x64()` context they arrive
+            # already rounded to float32.
+            raise RuntimeError(f"generalized_eigh_traced: the LAPACK callback received {a_.dtype} operands for a "
+                               f"{np.dtype(dtype).name} problem; {X64_ADVICE} (the thread-local jax.enable_x64() "
+                               "context does not reach the callback thread), or use backend='reduction'")
+        return _lapack_solve_per_damping(np.asarray(a_), np.asarray(b_), np.asarray(d_), top_k, transposed)
 
-    return jax.pure_callback(host, shapes, a, b, d, vmap_method="broadcast_all")
+    w, v, *rest = jax.pure_callback(host, shapes, a, b, d, vmap_method="broadcast_all")
+    return (w, jnp.swapaxes(v, -1, -2) if transposed else v, *rest)
 
 
-def _lapack_solve_per_damping(a, b, d, top_k):
+def _lapack_solve_per_damping(a, b, d, top_k, transposed=False):
     """_lapack_solve with a damping per batch entry (d has the batch shape)."""
     if d.ndim == 0 or np.all(d == d.reshape(-1)[0]):
-        return _lapack_solve(a, b, d.reshape(-1)[0] if d.size else 0.0, top_k)
-    outs = [_lapack_solve(a[i], b[i], d[i], top_k) for i in np.ndindex(d.shape)]
+        return _lapack_solve(a, b, d.reshape(-1)[0] if d.size else 0.0, top_k, transposed=transposed)
+    outs = [_lapack_solve(a[i], b[i], d[i], top_k, transposed=transposed) for i in np.ndindex(d.shape)]
     return tuple(np.stack([o[j] for o in outs]).reshape(d.shape + outs[0][j].shape) for j in range(7))
 
 
@@ -305,8 +411,10 @@ def generalized_eigh(a: jax.Array, b: jax.Array, *, damping: float = 0.0,
     if top_k is not None and not 0 < top_k <= n:
         raise ValueError(f"top_k={top_k} must be in 1..{n}")
     if path == "lapack":
-        w, v, finite, ratio, a_ok, b_ok, cond = _lapack_solve(np.asarray(a), np.asarray(b), damping, top_k)
-        w, v = jnp.asarray(w), jnp.asarray(v)
+        transposed = _transposed_out(n, dtype)
+        w, v, finite, ratio, a_ok, b_ok, cond = _lapack_solve(np.asarray(a), np.asarray(b), damping, top_k,
+                                                              transposed=transposed)
+        w, v = _to_jax(w), (_swap_last(_to_jax(v)) if transposed else _to_jax(v))
     else:
         # One dispatch and one host transfer: the input checks run inside the jitted solve.
         w, v, finite, ratio, a_ok, b_ok, cond = _reduce_and_solve(a, b, jnp.asarray(damping, dtype), top_k)

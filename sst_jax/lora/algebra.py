@@ -23,6 +23,7 @@ from sst_jax.errors import AdapterError, AdapterMismatchError
 from sst_jax.lora.adapter import LoraAdapter, module_shapes
 from sst_jax.lora.peft_io import write_dir_atomically
 from sst_jax.models.branches import LowRank, ModuleKey, concat_lowrank, hf_module_path
+from sst_jax.models.sharding import placed_like
 
 LowRankDict = Mapping[ModuleKey, LowRank]
 AdapterLike = Union[LoraAdapter, LowRankDict]
@@ -119,6 +120,7 @@ def fold(params: Any, deltas: DeltaLike, config) -> Any:
         lp = dict(layers[layer])
         mp = dict(lp[module])
         w = mp["weight"]
+        d = placed_like(d, w)  # ΔW goes where the weight is (e.g. split over a mesh)
         mp["weight"] = (jnp.asarray(w, jnp.float32) + d).astype(w.dtype)
         lp[module] = mp
         layers[layer] = lp

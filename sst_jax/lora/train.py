@@ -1,6 +1,12 @@
 """LoRA training with optax: AdamW, warmup + cosine, gradient accumulation, response-only loss,
 optional bf16 compute, LoRA dropout, eval loss with early stopping, orbax checkpoints.
 
+Batches split over the batch axes of the model's mesh (`LoadedModel.mesh`; data × fsdp),
+padded to a multiple of their size with rows of weight 0; XLA reduces the gradients through
+the shardings (the factors and optimizer state stay replicated), so the step is the
+single-device one. With lora_dropout > 0 and padding rows the masks differ from an unpadded
+run's (they are drawn for the padded shape), still a function of (seed, step).
+
 Only the LoRA factors are optimised; the frozen params are a non-differentiated argument of
 the jitted step. Everything random is a function of (seed, step): the batch order of each
 epoch and the dropout key of each micro-batch. So a run resumed from a checkpoint ends
@@ -30,6 +36,7 @@ from sst_jax.lora.adapter import LoraAdapter
 from sst_jax.lora.check import check_compatible
 from sst_jax.models import forward
 from sst_jax.models.loss import response_nll
+from sst_jax.models.sharding import model_mesh, pad_batch, put_batch, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +136,14 @@ def _batch(encoded, idx, pad_id) -> dict[str, np.ndarray]:
     return collate([encoded[i][0] for i in idx], pad_id, loss_masks=[encoded[i][1] for i in idx])
 
 
+def _on_mesh(mesh, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The batch split over the mesh's batch axes: rows padded (repeating the last) to a
+    multiple of their size, "weight" 1 for real rows and 0 for the padding."""
+    out, n = pad_batch(batch, mesh)
+    out["weight"] = (np.arange(len(out["input_ids"])) < n).astype(np.float32)
+    return put_batch(mesh, out)
+
+
 def _flatten_state(state) -> dict[str, np.ndarray]:
     return {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(state))}
 
@@ -182,18 +197,22 @@ def _loss(trainable: LoraAdapter, frozen, batch, key, config, dropout_rate: floa
     logits = forward(config, frozen, batch["input_ids"], batch["attention_mask"],
                      branches=trainable.to_branches(), dropout_rate=dropout_rate,
                      dropout_key=key if dropout_rate > 0 else None)
-    loss = response_nll(logits, batch["input_ids"], batch["loss_mask"]).mean()
+    w = batch["weight"]  # 0 on rows that only pad the batch to the mesh
+    loss = jnp.sum(response_nll(logits, batch["input_ids"], batch["loss_mask"]) * w) / jnp.sum(w)
     return loss if regularizer is None else loss + regularizer(trainable)
 
 
 # Module-level jits keyed by the (hashable) configs: repeated runs with equal settings reuse
 # the compiled steps; distinct sequence-length buckets are the only other recompiles.
-@functools.partial(jax.jit, static_argnames=("config", "cfg", "regularizer"))
-def _train_step(trainable, opt_state, frozen, batch, key, *, config, cfg: TrainConfig, regularizer):
+@functools.partial(jax.jit, static_argnames=("config", "cfg", "regularizer", "replicated"))
+def _train_step(trainable, opt_state, frozen, batch, key, *, config, cfg: TrainConfig, regularizer,
+                replicated):
     loss, grads = jax.value_and_grad(_loss)(trainable, frozen, batch, key, config, cfg.lora_dropout,
                                             regularizer)
     updates, opt_state = make_optimizer(cfg).update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
+    # Factors and optimizer state stay whole on every device (every host can save them).
+    return jax.lax.with_sharding_constraint((optax.apply_updates(trainable, updates), opt_state),
+                                            replicated) + (loss,)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -217,6 +236,7 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
     includes it, the eval loss does not.
     """
     config, params, tok = model.config, model.params, model.tokenizer
+    mesh = model_mesh(model)
     check_compatible(adapter, config, base_model_name=getattr(model, "name", None))
     if not train_pairs:
         raise DatasetError("train_lora needs at least one training pair")
@@ -229,7 +249,8 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
     out_dtype = adapter.meta.dtype
     adapter = adapter.astype("float32")  # master weights in f32 whatever the compute dtype
     optimizer = make_optimizer(cfg)
-    train_step = functools.partial(_train_step, config=compute_cfg, cfg=cfg, regularizer=regularizer)
+    train_step = functools.partial(_train_step, config=compute_cfg, cfg=cfg, regularizer=regularizer,
+                                   replicated=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     eval_losses = functools.partial(_eval_losses, config=compute_cfg)
 
     def evaluate(trainable) -> float:
@@ -238,7 +259,7 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
             idx = list(range(start, min(start + cfg.batch_size, len(evals))))
             n_real = len(idx)
             idx += [idx[0]] * (cfg.batch_size - n_real)  # keep one batch shape per bucket
-            losses = np.asarray(eval_losses(trainable, frozen, _batch(evals, idx, pad_id)))
+            losses = to_host(eval_losses(trainable, frozen, _on_mesh(mesh, _batch(evals, idx, pad_id))))
             total += float(losses[:n_real].sum())
         return total / len(evals)
 
@@ -268,7 +289,8 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
             losses = []
             for j in range(cfg.grad_accum):
                 micro = step * cfg.grad_accum + j
-                batch = _batch(train, micro_batch_indices(len(train), cfg.batch_size, cfg.seed, micro), pad_id)
+                batch = _on_mesh(mesh, _batch(train, micro_batch_indices(len(train), cfg.batch_size, cfg.seed, micro),
+                                              pad_id))
                 adapter, opt_state, loss = train_step(adapter, opt_state, frozen, batch,
                                                       jax.random.fold_in(base_key, micro))
                 losses.append(float(loss))
@@ -312,5 +334,7 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
 
     history = {**hist, "best_step": state_progress["best_step"], "best_eval_loss": state_progress["best_loss"],
                "stopped_early": state_progress["stopped_early"], "steps_run": state_progress["step"]}
-    result = best if evals else adapter
+    # The factors come back as arrays of this process's default device, like the Fishers: merges
+    # work on them locally, whatever mesh trained them.
+    result = jax.tree.map(lambda x: jnp.asarray(to_host(x)), best if evals else adapter)
     return (result if out_dtype == "float32" else result.astype(out_dtype)), history

@@ -22,15 +22,16 @@ from sst_jax.merge.sst import SstFishers, default_k, require_safety, sst_fishers
 from sst_jax.models.branches import LowRank, hf_module_path
 
 
-def agl_statistics(inputs: MergeInputs, data, *, chunk: int = 8) -> SstFishers:
+def agl_statistics(inputs: MergeInputs, data, *, chunk: int | None = None) -> SstFishers:
     """The front door's hook: core-space Fishers on data["harmful"] (F_b is computed too, unused)."""
     return sst_fishers(inputs, data["harmful"], data["benign"], chunk=chunk)
 
 
 @register("agl", exact=True, data_aware=True, needs=("safety", "harmful", "benign"), statistics=agl_statistics)
 def agl(inputs: MergeInputs, *, fishers: SstFishers | None = None, beta: float = 1.0, k: int | None = None,
-        utility: MergeResult | None = None, chunk: int = 8) -> MergeResult:
-    """AlignGuard-LoRA-style merge. Defaults: beta 1.0, k = ⌈r²/2⌉ (as SST), chunk 8. Needs fishers= (only .harmful is used, kind "core")
+        utility: MergeResult | None = None, chunk: int | None = None) -> MergeResult:
+    """AlignGuard-LoRA-style merge. Defaults: beta 1.0, k = ⌈r²/2⌉ (as SST), chunk =
+    `default_chunk()` (4 on CPU, 16 on GPU/TPU). Needs fishers= (only .harmful is used, kind "core")
     or model= and data={"harmful": ..., "benign": ...}. utility: as in `sst` (default Σ wᵢΔW_Uᵢ)."""
     safety = require_safety(inputs, "agl")
     if not 0.0 <= beta <= 1.0:

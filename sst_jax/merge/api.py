@@ -406,14 +406,63 @@ def _dense_to_lowrank(delta: jax.Array) -> LowRank:
     return LowRank(a=jnp.eye(in_dim, dtype=delta.dtype), b=delta, scale=1.0)
 
 
+class DenseModules(Mapping):
+    """Dense ΔW per module produced on demand by `produce(key)` (a dense method's merge of that
+    module), so that no more than the modules asked for are ever held.
+
+    Indexing (`dense[key]`, `.items()`, `to_dense`, `to_branches`) produces a module once and
+    keeps it, like a dict; `stream(key)` produces it without keeping it (exports: produce,
+    truncate or fold, drop), so an export holds one module at a time. Listeners added with
+    `on_produce(fn)` see every production, `fn(key, delta)` (the report's norms)."""
+
+    def __init__(self, keys: Sequence[ModuleKey], produce: Callable[[ModuleKey], jax.Array]):
+        self._keys = tuple(sorted(keys))
+        self._known = frozenset(self._keys)
+        self._produce = produce
+        self._kept: dict[ModuleKey, jax.Array] = {}
+        self._listeners: list[Callable[[ModuleKey, jax.Array], None]] = []
+
+    def on_produce(self, fn: Callable[[ModuleKey, jax.Array], None]) -> None:
+        self._listeners.append(fn)
+
+    def stream(self, key: ModuleKey) -> jax.Array:
+        """The module's ΔW without keeping it (the kept one when it was already produced)."""
+        if key in self._kept:
+            return self._kept[key]
+        if key not in self._known:
+            raise KeyError(key)
+        delta = self._produce(key)
+        for fn in self._listeners:
+            fn(key, delta)
+        return delta
+
+    def __getitem__(self, key: ModuleKey) -> jax.Array:
+        if key not in self._kept:
+            self._kept[key] = self.stream(key)
+        return self._kept[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"DenseModules({len(self._keys)} modules, {len(self._kept)} kept)"
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeResult:
     """A merged ΔW per module: exact low-rank `factors` (several branches may share a module,
-    they add up) and/or `dense` ΔW (out, in). `report` is JSON-able."""
+    they add up) and/or `dense` ΔW (out, in): a dict, or `DenseModules` produced module by module
+    (TIES, DARE, magnitude pruning, Fisher merging). `report` is JSON-able."""
 
     method: str
     factors: dict[ModuleKey, tuple[LowRank, ...]]
-    dense: dict[ModuleKey, jax.Array]
+    dense: Mapping[ModuleKey, jax.Array]
     report: dict
 
     @property
@@ -431,12 +480,15 @@ class MergeResult:
             out[k] = out.get(k, ()) + (_dense_to_lowrank(d),)
         return {k: out[k] for k in sorted(out)}
 
-    def delta(self, key: ModuleKey) -> jax.Array:
+    def delta(self, key: ModuleKey, *, keep: bool = True) -> jax.Array:
+        """The module's ΔW (out, in) in float32. keep=False: a DenseModules module is produced
+        without being kept (one module at a time; the same values)."""
         total = None
         for lr in self.factors.get(key, ()):
             total = lr.delta() if total is None else total + lr.delta()
         if key in self.dense:
-            d = jnp.asarray(self.dense[key], jnp.float32)
+            stream = not keep and isinstance(self.dense, DenseModules)
+            d = jnp.asarray(self.dense.stream(key) if stream else self.dense[key], jnp.float32)
             total = d if total is None else total + d
         return total
 
@@ -458,7 +510,7 @@ class MergeResult:
                 if rank is None:
                     raise SstJaxError(f"merge {self.method!r} produced a dense ΔW at {hf_module_path(k)}; "
                                       "exporting it as LoRA needs a stated rank (to_peft(dir, rank=...))")
-                low, err = svd_truncate(self.delta(k), rank)
+                low, err = svd_truncate(self.delta(k, keep=False), rank)  # one dense module at a time
                 out[k], errors[hf_module_path(k)] = low, float(err)
             else:
                 out[k] = concat_lowrank([(lr, 1.0) for lr in self.factors[k]])
@@ -486,8 +538,12 @@ class MergeResult:
 
 
     def to_merged_params(self, model) -> Any:
-        """The base model's params with W ← W + ΔW folded in (exact, dense)."""
-        return fold(model.params, self.to_dense(), model.config)
+        """The base model's params with W ← W + ΔW folded in (exact, dense), one module at a
+        time: each module's ΔW is formed, folded and dropped (the merged weights are the output)."""
+        params = model.params
+        for k in self.keys:
+            params = fold(params, {k: self.delta(k, keep=False)}, model.config)
+        return params
 
     def to_merged_hf(self, model, directory: str) -> None:
         """Write the merged full weights as an HF model directory (exact for every method)."""
@@ -518,17 +574,22 @@ def weighted_norm(parts: Sequence[tuple[LowRank, float]], dense: jax.Array | Non
     return float(_frobenius_norm(us, tuple(v for _, v in pairs), dense))
 
 
+def _module_norm(factors: Sequence[LowRank], dense: jax.Array | None) -> float:
+    pairs = [lr.factors() for lr in factors]
+    return float(_frobenius_norm(tuple(u for u, _ in pairs), tuple(v for _, v in pairs), dense))
+
+
 def module_report(result_factors: Mapping[ModuleKey, tuple[LowRank, ...]],
                   dense: Mapping[ModuleKey, jax.Array]) -> dict[str, dict]:
     """Per-module rank (None when dense) and ‖ΔW‖_F (from r×r Gram matrices: no dense ΔW is
-    formed for factor-only modules)."""
+    formed for factor-only modules). A `DenseModules` module is not produced here: its norm is
+    None until the module is produced (by any read or export; `make_result` fills it in then)."""
     out = {}
+    lazy = isinstance(dense, DenseModules)
     for k in sorted(set(result_factors) | set(dense)):
-        pairs = [lr.factors() for lr in result_factors.get(k, ())]
-        norm = _frobenius_norm(tuple(u for u, _ in pairs), tuple(v for _, v in pairs), dense.get(k))
         out[hf_module_path(k)] = {
             "rank": None if k in dense else int(sum(lr.a.shape[0] for lr in result_factors[k])),
-            "norm": float(norm),
+            "norm": None if lazy and k in dense else _module_norm(result_factors.get(k, ()), dense.get(k)),
         }
     return out
 
@@ -538,8 +599,11 @@ def make_result(method: str, inputs: MergeInputs, *, factors: Mapping[ModuleKey,
                 stats: Mapping[str, Mapping[str, Any]] | None = None) -> MergeResult:
     """MergeResult with the common report (ranks, norms, weights) plus method stats per module."""
     factors = {k: tuple(v) for k, v in sorted((factors or {}).items())}
-    dense = {k: v for k, v in sorted((dense or {}).items())}
+    if not isinstance(dense, DenseModules):
+        dense = {k: v for k, v in sorted((dense or {}).items())}
     modules = module_report(factors, dense)
+    if isinstance(dense, DenseModules):  # norms as the modules are produced (the same float as eagerly)
+        dense.on_produce(lambda k, d: modules[hf_module_path(k)].update(norm=_module_norm(factors.get(k, ()), d)))
     for path, extra in (stats or {}).items():
         modules.setdefault(path, {}).update(extra)
     report = {

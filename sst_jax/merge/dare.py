@@ -17,7 +17,8 @@ summed in canonical (digest) order, so reordering them is bitwise invisible.
 
 Streaming: per module, one expert at a time is formed from its factors, masked and
 accumulated (dare_linear: one pass; dare_ties: a pass for the sign election and a second,
-redrawing the same masks, for the disjoint merge). No n × out × in stack is ever held.
+redrawing the same masks, for the disjoint merge). No n × out × in stack is ever held, and the
+result merges a module only when it is read (`DenseModules`), so exports go one module at a time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sst_jax.merge.api import MergeInputs, MergeResult, make_result, module_hash, module_seed, register
+from sst_jax.merge.api import DenseModules, MergeInputs, MergeResult, make_result, module_hash, module_seed, register
 from sst_jax.merge.ties import SignMethod, accumulate_weighted, expert_digest, module_experts, streaming_ties
 from sst_jax.models.branches import LowRank, ModuleKey
 
@@ -104,15 +105,17 @@ def dare_linear(inputs: MergeInputs, *, density: float = 0.5, seed: int = 0) -> 
     seed default 0 (ignored when `merge(key=...)` is given)."""
     _check_density(density)
     base = _base_key(inputs, seed)
-    dense = {}
-    for key in inputs.keys:
+
+    def module(key: ModuleKey) -> jax.Array:
         experts = module_experts(inputs, key)
         task = _task_fn(base, key, experts, density)
         acc = jnp.zeros(inputs.shapes[key], jnp.float32)
         for i, (_, _, w) in enumerate(experts):
             acc = accumulate_weighted(acc, task(i, 0), jnp.float32(w))
-        dense[key] = acc
-    return make_result("dare_linear", inputs, dense=dense, hparams=dict(density=density, seed=seed))
+        return acc
+
+    return make_result("dare_linear", inputs, dense=DenseModules(inputs.keys, module),
+                       hparams=dict(density=density, seed=seed))
 
 
 @register("dare_ties", exact=False)
@@ -124,9 +127,10 @@ def dare_ties(inputs: MergeInputs, *, density: float = 0.5, seed: int = 0,
     if majority_sign not in ("weighted", "total", "frequency"):
         raise ValueError(f"majority_sign must be 'weighted', 'total' or 'frequency', got {majority_sign!r}")
     base = _base_key(inputs, seed)
-    dense = {}
-    for key in inputs.keys:
+
+    def module(key: ModuleKey) -> jax.Array:
         experts = module_experts(inputs, key)
-        dense[key] = streaming_ties(inputs.shapes[key], experts, _task_fn(base, key, experts, density), majority_sign)
-    return make_result("dare_ties", inputs, dense=dense,
+        return streaming_ties(inputs.shapes[key], experts, _task_fn(base, key, experts, density), majority_sign)
+
+    return make_result("dare_ties", inputs, dense=DenseModules(inputs.keys, module),
                        hparams=dict(density=density, seed=seed, majority_sign=majority_sign))

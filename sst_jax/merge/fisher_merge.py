@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from sst_jax.fisher import weight_diag_fisher
-from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
+from sst_jax.merge.api import DenseModules, MergeInputs, MergeResult, make_result, register
 from sst_jax.merge.fishers import as_batches, n_samples
 
 
-def task_fishers(inputs: MergeInputs, datasets, *, chunk: int = 8) -> list[dict]:
+def task_fishers(inputs: MergeInputs, datasets, *, chunk: int | None = None) -> list[dict]:
     """[ {key: diag Fisher (out, in)} ] for every task vector (utilities, then safety), each on
     its dataset, at θ₀ + that task's ΔW."""
     adapters, _, names = inputs.task_vectors()
@@ -34,7 +34,7 @@ def task_fishers(inputs: MergeInputs, datasets, *, chunk: int = 8) -> list[dict]
     return out
 
 
-def fisher_statistics(inputs: MergeInputs, data, *, chunk: int = 8) -> list[dict]:
+def fisher_statistics(inputs: MergeInputs, data, *, chunk: int | None = None) -> list[dict]:
     """The front door's hook: each utility adapter on its own dataset (data["utility"]), the
     safety adapter on data["harmful"]."""
     datasets = list(data["utility"]) + ([data["harmful"]] if inputs.safety is not None else [])
@@ -50,9 +50,10 @@ def fisher_weighted_average(tasks: jax.Array, fishers: jax.Array, weights: jax.A
 
 
 @register("fisher", exact=False, data_aware=True, needs=("utility",), statistics=fisher_statistics)
-def fisher(inputs: MergeInputs, *, fishers: list | None = None, eps: float = 1e-6, chunk: int = 8) -> MergeResult:
-    """Diagonal Fisher merging. Defaults: eps 1e-6 (relative), chunk 8. Needs fishers=
-    task_fishers(...) or model= and data={"tasks": [batches per task vector]} (utilities, then S)."""
+def fisher(inputs: MergeInputs, *, fishers: list | None = None, eps: float = 1e-6, chunk: int | None = None) -> MergeResult:
+    """Diagonal Fisher merging. Defaults: eps 1e-6 (relative), chunk = `default_chunk()` (4 on CPU,
+    16 on GPU/TPU). Needs fishers= task_fishers(...) or model= and data={"tasks": [batches per task
+    vector]} (utilities, then S)."""
     if fishers is None:
         data = inputs.data or {}
         if inputs.model is None or "tasks" not in data:
@@ -61,10 +62,10 @@ def fisher(inputs: MergeInputs, *, fishers: list | None = None, eps: float = 1e-
     adapters, _, names = inputs.task_vectors()
     if len(fishers) != len(adapters):
         raise ValueError(f"got {len(fishers)} Fishers for {len(adapters)} task vectors ({names})")
-    dense = {}
-    for key in inputs.keys:
+    def module(key):  # merged when read (DenseModules): exports hold one module at a time
         tasks, w = inputs.stacked_deltas(key)
         fs = jnp.stack([jnp.asarray(f[key], jnp.float32) if key in f else jnp.zeros(inputs.shapes[key])
                         for f in fishers])
-        dense[key] = fisher_weighted_average(tasks, fs, w, eps)
-    return make_result("fisher", inputs, dense=dense, hparams=dict(eps=eps))
+        return fisher_weighted_average(tasks, fs, w, eps)
+
+    return make_result("fisher", inputs, dense=DenseModules(inputs.keys, module), hparams=dict(eps=eps))

@@ -91,7 +91,7 @@ def training_data(inputs: MergeInputs, name: str):
 
 def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "core", two_sided: bool = False,
                 safety_at: Literal["zero", "sigma"] = "zero", labels: str = "empirical", key: jax.Array | None = None,
-                utility: MergeResult | None = None, chunk: int = 8) -> SstFishers:
+                utility: MergeResult | None = None, chunk: int | None = None) -> SstFishers:
     """F_h (on `harmful`) and F_b (on `benign`) per module, computed by `sst_jax.fisher`.
 
     core/diagonal: in S's core space, at θ₀ + ΔW_U (safety_at="zero", M = 0) or at
@@ -132,13 +132,13 @@ def sst_fishers(inputs: MergeInputs, harmful, benign, *, fisher: FisherKind = "c
 
 
 def sst_statistics(inputs: MergeInputs, data, *, fisher: FisherKind = "core", two_sided: bool = False,
-                   safety_at: Literal["zero", "sigma"] = "zero", labels: Labels = "empirical", chunk: int = 8) -> SstFishers:
+                   safety_at: Literal["zero", "sigma"] = "zero", labels: Labels = "empirical", chunk: int | None = None) -> SstFishers:
     """The front door's hook: `sst_fishers` on data["harmful"] and data["benign"]."""
     return sst_fishers(inputs, data["harmful"], data["benign"], fisher=fisher, two_sided=two_sided,
                        safety_at=safety_at, labels=labels, key=inputs.key, chunk=chunk)
 
 
-def multi_statistics(inputs: MergeInputs, data, *, chunk: int = 8) -> "MultiFishers":
+def multi_statistics(inputs: MergeInputs, data, *, chunk: int | None = None) -> "MultiFishers":
     """The front door's hook: `sst_multi_fishers` on one dataset per expert (data["utility"])."""
     return sst_multi_fishers(inputs, data["utility"], chunk=chunk)
 
@@ -237,13 +237,14 @@ def sst(inputs: MergeInputs, *, fishers: SstFishers | None = None, fisher: Fishe
         lambda_threshold: float | None = None, energy: float | None = None, mu: float = 1.0,
         damping: float = 0.1, norm_matched: bool = False, two_sided: bool = False,
         k_utility: int | None = None, safety_at: Literal["zero", "sigma"] = "zero", labels: Labels = "empirical",
-        utility: MergeResult | None = None, chunk: int = 8) -> MergeResult:
+        utility: MergeResult | None = None, chunk: int | None = None) -> MergeResult:
     """SST-Merge. Defaults: fisher "core", projector "topk" keeping k = ⌈r²/2⌉ (or the count
     from `lambda_threshold` / `energy`, exactly one rule), mu 1.0 (shrinkage), damping δ = 0.1,
     norm_matched False, two_sided False (k_utility default ⌈r_U²/2⌉), safety_at "zero" (Fishers
     at θ₀ + ΔW_U), labels "empirical" ("model" samples targets, keyed by merge(key=...)),
-    chunk 8 samples per vmapped gradient. α is `merge(alpha=...)`. fisher="kfac" keeps the top
-    k (default ⌈min(out,in)²/2⌉) Kronecker eigenpairs of the full ΔW (see `project_kfac`).
+    chunk samples per vmapped gradient (default `sst_jax.fisher.default_chunk()`: 4 on CPU, 16
+    on GPU/TPU). α is `merge(alpha=...)`. fisher="kfac" keeps the top k (default
+    ⌈min(out,in)²/2⌉) Kronecker eigenpairs of the full ΔW (see `project_kfac`).
     utility: the utility part from any other merge (e.g. merge("ties", us)); default None is
     Σ wᵢΔW_Uᵢ. The Fishers must then be computed with the same `utility`."""
     safety = require_safety(inputs, "sst")
@@ -313,7 +314,7 @@ class MultiFishers:
     n_samples: tuple[int, ...]
 
 
-def sst_multi_fishers(inputs: MergeInputs, datasets, *, chunk: int = 8) -> MultiFishers:
+def sst_multi_fishers(inputs: MergeInputs, datasets, *, chunk: int | None = None) -> MultiFishers:
     """One pass per expert dataset, all experts' core spaces differentiated at once, at
     θ₀ + Σ wⱼΔWⱼ."""
     if len(datasets) != len(inputs.utility):
@@ -337,10 +338,11 @@ def sst_multi_fishers(inputs: MergeInputs, datasets, *, chunk: int = 8) -> Multi
 @register("sst_multi", exact=True, data_aware=True, needs=("utility",), statistics=multi_statistics)
 def sst_multi(inputs: MergeInputs, *, fishers: MultiFishers | None = None, k: int | None = None,
               lambda_threshold: float | None = None, energy: float | None = None, damping: float = 0.1,
-              chunk: int = 8) -> MergeResult:
+              chunk: int | None = None) -> MergeResult:
     """Σᵢ wᵢ P_i mat(φᵢ') Q_iᵀ, φᵢ' = top-k of F_i v = λ (Σ_{j≠i} F_j) v. Defaults: k = ⌈r_i²/2⌉,
-    damping 0.1, chunk 8. A safety adapter is not used (pass it as one more expert). Data:
-    data={"experts": [batches of expert 0, ...]} or fishers=sst_multi_fishers(...)."""
+    damping 0.1, chunk = `default_chunk()` (4 on CPU, 16 on GPU/TPU). A safety adapter is not used
+    (pass it as one more expert). Data: data={"experts": [batches of expert 0, ...]} or
+    fishers=sst_multi_fishers(...)."""
     if inputs.safety is not None:
         raise ValueError("sst_multi merges experts without a safety adapter; pass S as one more expert")
     if len(inputs.utility) < 2:

@@ -73,6 +73,7 @@ from sst_jax.merge.fishers import as_batches, n_samples
 from sst_jax.merge.sst import FisherKind, SstFishers, require_safety, sst, sst_fishers, training_data, utility_parts
 from sst_jax.models import forward
 from sst_jax.models.branches import LowRank, ModuleKey, hf_module_path
+from sst_jax.models.sharding import model_mesh, pad_batch, put_batch, to_host
 
 Form = Literal["auto", "dense", "samples"]
 _HI = jax.lax.Precision.HIGHEST
@@ -196,18 +197,21 @@ def input_samples(model, base_branches, modules, batches: list[dict]) -> dict[Mo
     """X (n_tokens, in) per module at θ₀ + base_branches, scaled by 1/√n_tokens so XᵀX is the
     K-FAC A factor of `kfac_factors` (same positions). Rows are gathered per batch."""
     rows: dict[ModuleKey, list[np.ndarray]] = {k: [] for k in modules}
+    mesh = model_mesh(model)  # batches split over its batch axes; padding rows dropped
     for b in batches:
-        x = _captured(model.config, model.params, dict(base_branches), b["input_ids"], b["attention_mask"])
+        padded, n = pad_batch({k: b[k] for k in ("input_ids", "attention_mask")}, mesh)
+        placed = put_batch(mesh, padded)
+        x = _captured(model.config, model.params, dict(base_branches), placed["input_ids"], placed["attention_mask"])
         pos = _positions(b)
         for k in modules:
-            rows[k].append(np.asarray(x[k], np.float32)[pos])
+            rows[k].append(to_host(x[k])[:n].astype(np.float32)[pos])
     total = n_tokens(batches)
     if total == 0:
         raise ValueError("no response tokens (loss_mask is all zero)")
     return {k: jnp.asarray(np.concatenate(v, axis=0) / np.sqrt(total)) for k, v in rows.items()}
 
 
-def _moments(model, base, modules, batches, forms, *, chunk: int, desc: str) -> dict:
+def _moments(model, base, modules, batches, forms, *, chunk: int | None, desc: str) -> dict:
     """K (dense, from `kfac_factors`) or X (samples) per module, as forms[key] says."""
     dense = [k for k in modules if forms[k] == "dense"]
     wide = [k for k in modules if forms[k] == "samples"]
@@ -228,7 +232,7 @@ def _forms(model, keys, form: Form, tokens: int) -> dict[ModuleKey, str]:
 
 def guard_moments(inputs: MergeInputs, harmful, benign, *, utility: MergeResult | None = None,
                   form: Form = "auto", safety_part: str = "plain", sst_fisher: FisherKind = "core",
-                  chunk: int = 8) -> GuardMoments:
+                  chunk: int | None = None) -> GuardMoments:
     """K_h at θ₀ + ΔW_S on `harmful`, K_b at θ₀ + ΔW_U on `benign` (ΔW_U: Σ wᵢΔW_Uᵢ, or the
     given utility merge; pass the same one to `sst_guard`), for every module ΔW_U touches; with
     safety_part="sst" also `sst_fishers(..., fisher=sst_fisher)` on the same data."""
@@ -248,7 +252,7 @@ def guard_moments(inputs: MergeInputs, harmful, benign, *, utility: MergeResult 
 
 
 def guard_statistics(inputs: MergeInputs, data, *, form: Form = "auto", safety_part: str = "plain",
-                     sst_fisher: FisherKind = "core", chunk: int = 8) -> GuardMoments:
+                     sst_fisher: FisherKind = "core", chunk: int | None = None) -> GuardMoments:
     """The front door's hook: `guard_moments` on data["harmful"] and data["benign"]."""
     return guard_moments(inputs, data["harmful"], data["benign"], form=form, safety_part=safety_part,
                          sst_fisher=sst_fisher, chunk=chunk)
@@ -292,14 +296,15 @@ def sst_guard(inputs: MergeInputs, *, fishers: GuardMoments | None = None, k: in
               lambda_threshold: float | None = None, energy: float | None = None, damping: float = 0.1,
               safety_part: Literal["plain", "sst"] = "plain", sst_k: int | None = None,
               sst_fisher: FisherKind = "core", sequential: bool = False, form: Form = "auto",
-              utility: MergeResult | None = None, chunk: int = 8) -> MergeResult:
+              utility: MergeResult | None = None, chunk: int | None = None) -> MergeResult:
     """SST-Guard: ΔW = ΔT (I − K_b,δ U_k U_kᵀ) + safety part, per module (module docstring).
     Defaults: k = min(64, in/4) per module (or `lambda_threshold` / `energy`, one rule), damping
     δ = 0.1 (also SST's, for safety_part "sst"), safety_part "plain" (α·ΔW_S; "sst": SST's
     projected S with sst_k (SST's default ⌈r²/2⌉) and sst_fisher "core"), sequential False,
     form "auto" (sample-matrix form where in > harmful + benign tokens), utility None
-    (Σ wᵢΔW_Uᵢ; or any merge result, factors or dense), chunk 8. Statistics: fishers=
-    guard_moments(...) (cacheable) or model= and data={"harmful": ..., "benign": ...};
+    (Σ wᵢΔW_Uᵢ; or any merge result, factors or dense), chunk = `default_chunk()` (4 on CPU, 16
+    on GPU/TPU). Statistics: fishers= guard_moments(...) (cacheable) or model= and
+    data={"harmful": ..., "benign": ...};
     sequential=True always measures K_h from model= and data["harmful"] (fishers gives K_b)."""
     if fishers is None:
         hb = as_batches(training_data(inputs, "harmful"), "harmful")

@@ -20,7 +20,9 @@ score; pass 2 re-forms each ΔWᵢ, applies its threshold and accumulates the ag
 and their count. Peak memory is a few out × in float32 buffers whatever the number of
 adapters. The adapters of a module are visited in a canonical order (sorted by a content hash
 of their factors there, `expert_digest`), so the float sums, and hence the merge, are
-bitwise identical whatever order the adapters are listed in.
+bitwise identical whatever order the adapters are listed in. The result holds no module until
+it is read: its `dense` is a `DenseModules` that merges a module when asked, so an export
+(`to_peft(rank=...)`, `to_merged_hf`) forms, truncates or folds, and drops one module at a time.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
+from sst_jax.merge.api import DenseModules, MergeInputs, MergeResult, make_result, register
 from sst_jax.models.branches import LowRank, ModuleKey
 
 SignMethod = Literal["weighted", "total", "frequency"]
@@ -251,11 +253,12 @@ def ties(inputs: MergeInputs, *, density: float = 0.2, majority_sign: SignMethod
         raise ValueError(f"majority_sign must be 'weighted', 'total' or 'frequency', got {majority_sign!r}")
     if density < 0.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
-    dense = {}
-    for key in inputs.keys:
+    def module(key: ModuleKey) -> jax.Array:
         experts = module_experts(inputs, key)
-        dense[key] = streaming_ties(inputs.shapes[key], experts, _trimmed_tasks(experts, density), majority_sign)
-    return make_result("ties", inputs, dense=dense, hparams=dict(density=density, majority_sign=majority_sign))
+        return streaming_ties(inputs.shapes[key], experts, _trimmed_tasks(experts, density), majority_sign)
+
+    return make_result("ties", inputs, dense=DenseModules(inputs.keys, module),
+                       hparams=dict(density=density, majority_sign=majority_sign))
 
 
 @register("magnitude_prune", exact=False)
@@ -263,12 +266,13 @@ def magnitude_prune(inputs: MergeInputs, *, density: float = 0.2) -> MergeResult
     """Σ wᵢ·trim(ΔWᵢ) per module, trim keeping the top `density` |entries| (default 0.2)."""
     if density < 0.0:
         raise ValueError(f"density must be in [0, 1], got {density}")
-    dense = {}
-    for key in inputs.keys:
+    def module(key: ModuleKey) -> jax.Array:
         experts = module_experts(inputs, key)
         task = _trimmed_tasks(experts, density)
         acc = jnp.zeros(inputs.shapes[key], jnp.float32)
         for i, (_, _, w) in enumerate(experts):
             acc = accumulate_weighted(acc, task(i, 0), jnp.float32(w))
-        dense[key] = acc
-    return make_result("magnitude_prune", inputs, dense=dense, hparams=dict(density=density))
+        return acc
+
+    return make_result("magnitude_prune", inputs, dense=DenseModules(inputs.keys, module),
+                       hparams=dict(density=density))

@@ -39,13 +39,15 @@ TINY_DEFAULTS = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    """A base model: config (static), frozen params pytree, tokenizer, and where it came from."""
+    """A base model: config (static), frozen params pytree, tokenizer, where it came from, and
+    the device mesh its weights are placed on (`sharding.place_model`; None: the default device)."""
 
     config: DecoderConfig
     params: Params
     tokenizer: Any  # transformers.PreTrainedTokenizerFast
     name: str
     source: str
+    mesh: Any = None  # jax.sharding.Mesh with axes (data, fsdp, tensor)
 
 
 def smollm2_gguf_path() -> str:

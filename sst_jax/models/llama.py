@@ -243,6 +243,16 @@ def last_token_logits(config: DecoderConfig, params: Params, input_ids: jax.Arra
     return lm_head(config, params, h[:, -1])
 
 
+def final_hidden(config: DecoderConfig, params: Params, input_ids: jax.Array,
+                 attention_mask: jax.Array, *, branches: Branches | None = None) -> jax.Array:
+    """Final-norm hidden states (B, T, D): what `lm_head` projects to logits (never computed here)."""
+    ctx = CallContext(branches, False, 0.0, None)
+    t = input_ids.shape[1]
+    h, _ = run_layers(config, params, input_ids, positions_from_mask(attention_mask),
+                      jnp.arange(t), attention_mask, ctx)
+    return rms_norm(h, params["norm"], config.rms_eps)
+
+
 # ---------------------------------------------------------------------------------------------
 # Initialization
 

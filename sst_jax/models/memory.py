@@ -15,9 +15,11 @@ What is counted (bytes per device):
     + n_heads·T·(4 + itemsize)/itemsize (scores in float32 and probabilities: materialised attention)
     + 3·d_ff (gate, up, their SwiGLU product),
   plus float32 logits and their gradient, 2·T·vocab·4 bytes per sample. Head- and d_ff-sized
-  terms are split over `tensor`, samples over data × fsdp (ceil). For the Fisher also the
-  per-sample gradients in core space (r² float32 per module per sample) and the accumulator
-  (r⁴ float32 per module).
+  terms are split over `tensor`, training samples over data × fsdp (ceil). The Fisher chunk is
+  per data shard (`sst_jax.fisher.accumulate` pads each block to chunk × data and every
+  data-parallel device scans `chunk` samples at a time), so only fsdp splits it. For the Fisher
+  also the per-sample gradients in core space (r² float32 per module per sample) and the
+  accumulator (r⁴ float32 per module).
 - generation: the KV cache, n_layers · 2 · b · (seq_len + max_new_tokens) · kv_dim, with b =
   gen_batch split over data × fsdp and kv_dim over `tensor`, plus the prefill of one layer at a
   time (materialised float32 scores b·n_heads·seq_len²) and the last position's logits.
@@ -175,9 +177,9 @@ def memory_plan(config: DecoderConfig, *, mesh_shape: Mapping[str, int], dtype="
                 name: str = "model") -> MemoryPlan:
     """Per-device bytes of weights, LoRA, optimizer, activations, Fisher and generation.
 
-    mesh_shape: {"data": D, "fsdp": F, "tensor": T} (missing axes are 1). Batches (training
-    batch, Fisher chunk, generation batch) split over data × fsdp; see the module docstring for
-    each term's formula."""
+    mesh_shape: {"data": D, "fsdp": F, "tensor": T} (missing axes are 1). The training and
+    generation batches split over data × fsdp, the Fisher chunk (samples per data shard) over
+    fsdp only; see the module docstring for each term's formula."""
     unknown = set(mesh_shape) - {"data", "fsdp", "tensor"}
     if unknown:
         raise ValueError(f"mesh_shape axes must be data, fsdp, tensor; got {sorted(unknown)}")
@@ -191,8 +193,9 @@ def memory_plan(config: DecoderConfig, *, mesh_shape: Mapping[str, int], dtype="
     n_mod = (config.n_layers if lora_layers is None else len(lora_layers)) * len(lora_targets)
     per_dev = lambda b: _split(b, d * f)  # noqa: E731
     train_act = activation_bytes(config, samples=per_dev(batch_size), seq_len=seq_len, dtype=dtype, tensor=t)
-    fisher_act = activation_bytes(config, samples=per_dev(fisher_chunk), seq_len=seq_len, dtype=dtype, tensor=t)
-    fisher_state = n_mod * 4 * (per_dev(fisher_chunk) * lora_r ** 2 + lora_r ** 4)
+    fisher_samples = _split(fisher_chunk, f)  # chunk is per data shard: data does not divide it
+    fisher_act = activation_bytes(config, samples=fisher_samples, seq_len=seq_len, dtype=dtype, tensor=t)
+    fisher_state = n_mod * 4 * (fisher_samples * lora_r ** 2 + lora_r ** 4)
     b = per_dev(gen_batch)
     total = seq_len + max_new_tokens
     kv = config.n_layers * 2 * b * total * _tensor_split(config.kv_dim, t) * it

@@ -4,6 +4,12 @@ Weights are in HF (out, in) layout. Column-parallel projections (q, k, v, gate, 
 output over `tensor` and their input over `fsdp`; row-parallel ones (o, down) the reverse, so
 an attention or MLP block needs one reduction over `tensor`. Batches split over data × fsdp.
 XLA's SPMD partitioner inserts the collectives; the math is the single-device forward.
+
+`place_model` records the mesh on the model; generation, log-likelihood scoring, LoRA training
+and the Fisher passes read it there and split their batches with `put_batch` (rows padded to
+a multiple of data × fsdp, the padding dropped after). With several processes (see
+`sst_jax.models.distributed`) the mesh spans every host's devices and each host transfers only
+its own rows; `to_host` gathers a sharded result back.
 """
 
 from __future__ import annotations
@@ -86,14 +92,96 @@ def shard_params(params: Params, mesh: Mesh, *, strict: bool = False) -> Params:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of (batch, seq, ...) activations / token ids: batch over data × fsdp."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+    """Sharding of (batch, seq, ...) activations / token ids: batch over data × fsdp (the
+    batch axes this mesh has)."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+# ----------------------------------------------------------------------------- batches on a mesh
+# Every batched computation (generation, log-likelihoods, LoRA training, Fisher passes) takes
+# its mesh from the model (`LoadedModel.mesh`, set by `place_model`); a model without one runs
+# on the 1×1×1 mesh of its default device, through the same code.
+
+
+def model_mesh(model) -> Mesh:
+    """The mesh `model` was placed on, or the 1×1×1 mesh of the default device."""
+    mesh = getattr(model, "mesh", None)
+    return mesh if mesh is not None else make_mesh(data=1, fsdp=1, tensor=1, devices=jax.local_devices()[:1])
+
+
+def batch_multiple(mesh: Mesh | None) -> int:
+    """Rows a batch is padded to a multiple of, to split over the mesh's batch axes."""
+    if mesh is None:
+        return 1
+    return math.prod(int(mesh.shape[a]) for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def padded_rows(n: int, mesh: Mesh | None) -> int:
+    """n rounded up to a multiple of `batch_multiple(mesh)`."""
+    m = batch_multiple(mesh)
+    return -(-int(n) // m) * m
+
+
+def pad_batch(batch: Mapping[str, Any], mesh: Mesh | None) -> tuple[dict[str, np.ndarray], int]:
+    """(batch with its rows padded to `padded_rows`, repeating the last row; the real count)."""
+    n = len(next(iter(batch.values())))
+    size = padded_rows(n, mesh)
+    return {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], size - n, 0)])
+            for k, v in batch.items()}, n
+
+
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+    """A host array as one global array with `sharding`: every process passes the same full
+    value and transfers only the shards of its own devices (its share of the data)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def put_batch(mesh: Mesh, batch):
+    """A batch (array or dict of arrays, leading axis = rows, a multiple of
+    `batch_multiple(mesh)`) split over the mesh's batch axes (`batch_sharding`)."""
+    return jax.tree.map(lambda x: put_global(x, batch_sharding(mesh, np.ndim(x))), batch)
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly global, sharded) array as one numpy array on this host (all-gathered from
+    the other processes when some of its shards live there)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def placed_like(x, ref):
+    """`x` on the devices of `ref` (an array on a mesh), for an eager op between them: an array
+    committed elsewhere (e.g. a host result on the default device) is moved there; anything
+    else is left to JAX, which places uncommitted arrays itself."""
+    if not (isinstance(x, jax.Array) and isinstance(ref, jax.Array) and x.committed):
+        return x
+    if x.sharding.device_set == ref.sharding.device_set:
+        return x
+    if ref.is_fully_addressable:
+        return jax.device_put(x, ref.sharding)
+    return put_global(to_host(x), ref.sharding)  # a mesh over several processes
+
+
+def shard_map(fn, *, mesh: Mesh, in_specs, out_specs, axis: str):
+    """`fn` manual over mesh axis `axis` only (the others stay automatic: weights placed over
+    fsdp/tensor stay there). jax.shard_map where it exists, else jax.experimental.shard_map."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={axis},
+                             check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy  # jax < 0.6
+
+    return legacy(fn, mesh, in_specs, out_specs, check_rep=False, auto=frozenset(mesh.axis_names) - {axis})
 
 
 def parse_mesh(spec: str | None, n_devices: int | None = None) -> dict[str, int]:
     """{"data": D, "fsdp": F, "tensor": T} from "data=D,fsdp=F,tensor=T" (missing axes are 1;
-    None or "" puts every local device on `data`). One code path: one device is 1×1×1."""
-    n = jax.local_device_count() if n_devices is None else n_devices
+    None or "" puts every device, of every process, on `data`). One code path: one device is 1×1×1."""
+    n = jax.device_count() if n_devices is None else n_devices
     if not spec:
         return {"data": n, "fsdp": 1, "tensor": 1}
     out = {"data": 1, "fsdp": 1, "tensor": 1}
@@ -111,9 +199,8 @@ def parse_mesh(spec: str | None, n_devices: int | None = None) -> dict[str, int]
 
 
 def place_model(model, mesh_shape: Mapping[str, int]):
-    """The model with its weights placed on a (data, fsdp, tensor) mesh by `param_specs`
-    (a 1×1×1 mesh returns it unchanged)."""
-    if math.prod(mesh_shape.values()) == 1:
-        return model
+    """The model with its weights placed on a (data, fsdp, tensor) mesh by `param_specs`, and
+    that mesh as `model.mesh`: every batched computation on the model splits its batches over
+    it (a 1×1×1 mesh is one device, through the same code)."""
     mesh = make_mesh(data=mesh_shape["data"], fsdp=mesh_shape["fsdp"], tensor=mesh_shape["tensor"])
-    return dataclasses.replace(model, params=shard_params(model.params, mesh))
+    return dataclasses.replace(model, params=shard_params(model.params, mesh), mesh=mesh)

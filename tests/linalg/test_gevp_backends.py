@@ -32,6 +32,15 @@ def x64():
 
 
 @pytest.fixture
+def global_x64():
+    """x64 for every thread (the pure_callback of the traced LAPACK path runs in another one)."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
+@pytest.fixture
 def warnings_seen(monkeypatch):
     seen = []
     monkeypatch.setattr(logging, "warning", lambda msg, *args: seen.append(msg % args))
@@ -57,6 +66,56 @@ def test_both_paths_agree_batched_float64(x64, rng):
     for i in np.ndindex(2, 3):
         w_ref = scipy.linalg.eigh(a[i], b[i] + 1e-3 * np.trace(b[i]) / 16 * np.eye(16), eigvals_only=True)[::-1]
         np.testing.assert_allclose(wl[i], w_ref, rtol=1e-10)
+
+
+# 160: the LAPACK path probes symmetry instead of symmetrizing; 272: it also hands Vᵀ to XLA to transpose.
+@pytest.mark.parametrize("n", [16, 160, 272])
+def test_lapack_equals_reduction_to_1e10_float64_eager_and_jitted(global_x64, rng, n):
+    a = np.stack([spd(rng, n) for _ in range(3)])
+    b = np.stack([spd(rng, n) + 0.1 * np.eye(n) for _ in range(3)])
+    (wl, vl), (wr, vr) = (generalized_eigh(a, b, damping=1e-3, backend=k) for k in BACKENDS)
+    assert wl.dtype == vl.dtype == np.float64
+    np.testing.assert_allclose(wl, wr, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(vl, vr, rtol=0, atol=1e-10 * np.abs(vr).max())
+    (wlt, vlt, okl), (wrt, vrt, okr) = (jax.jit(lambda x, y, k=k: generalized_eigh_traced(x, y, damping=1e-3, backend=k))(a, b)
+                                        for k in BACKENDS)
+    assert np.all(okl) and np.all(okr)
+    np.testing.assert_array_equal(wlt, wl)  # the callback runs the same LAPACK code as the eager call
+    np.testing.assert_array_equal(vlt, vl)
+    np.testing.assert_allclose(wrt, wr, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [7, 9, 130])
+def test_a_float32_batch_of_odd_size_equals_each_problem_alone(rng, n):
+    """LAPACK works in place on the batch's work copies (f2py would silently copy a misaligned
+    matrix, e.g. the second of a packed 9×9 float32 stack, and leave the factor unwritten)."""
+    a = np.stack([spd(rng, n) for _ in range(4)]).astype(np.float32)
+    b = np.stack([spd(rng, n) + 0.1 * np.eye(n) for _ in range(4)]).astype(np.float32)
+    w, v = generalized_eigh(a, b, damping=0.1, backend="lapack")
+    cond = condition_estimate(b, damping=0.1, backend="lapack")
+    for i in range(4):
+        wi, vi = generalized_eigh(a[i], b[i], damping=0.1, backend="lapack")
+        np.testing.assert_array_equal(w[i], wi)
+        np.testing.assert_array_equal(v[i], vi)
+        assert cond[i] == condition_estimate(b[i], damping=0.1, backend="lapack")
+
+
+@pytest.mark.parametrize("n", [12, 144])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_only_the_symmetric_parts_are_used_on_both_paths(x64, rng, n, dtype):
+    """A and B with a large antisymmetric part (the LAPACK path must notice it and symmetrize) or
+    one at rounding level (it may copy them as they are): both paths equal scipy on (X + Xᵀ)/2."""
+    a, b = spd(rng, n), spd(rng, n) + 0.1 * np.eye(n)
+    for scale in (1e-1, 1e-17):
+        k = rng.standard_normal((2, n, n))
+        ax, bx = a + scale * (k[0] - k[0].T), b + scale * (k[1] - k[1].T)
+        w_ref = scipy.linalg.eigh(a, b, eigvals_only=True)[::-1]
+        for backend in BACKENDS:
+            w, v = generalized_eigh(ax.astype(dtype), bx.astype(dtype), backend=backend)
+            tol = 1e-4 if dtype == np.float32 else 1e-10
+            np.testing.assert_allclose(w, w_ref, rtol=tol, atol=tol * w_ref[0])
+        (w1, v1), (w2, v2) = (generalized_eigh(ax.astype(dtype), bx.astype(dtype), backend=k) for k in BACKENDS)
+        np.testing.assert_allclose(v1, v2, atol=(1e-3 if dtype == np.float32 else 1e-9) * np.abs(v2).max())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,9 +144,10 @@ def _error(fn):
     return type(err.value), str(err.value)
 
 
-def test_non_positive_definite_b_raises_the_same_error_on_both_paths(rng):
-    b = np.stack([spd(rng, 6) for _ in range(3)]).astype(np.float32)
-    b[1] = np.diag([1.0, 1.0, 1.0, 1.0, 1.0, -2.0])
+@pytest.mark.parametrize("n", [6, 130])
+def test_non_positive_definite_b_raises_the_same_error_on_both_paths(rng, n):
+    b = np.stack([spd(rng, n) for _ in range(3)]).astype(np.float32)
+    b[1] = np.diag([1.0] * (n - 1) + [-2.0 * n])
     errors = [_error(lambda k=k: generalized_eigh(b, b, damping=0.1, name="F_b", backend=k)) for k in BACKENDS]
     assert errors[0] == errors[1]
     assert errors[0][0] is NumericalError and "F_b" in errors[0][1] and "batch index (1,)" in errors[0][1]
@@ -100,11 +160,15 @@ def test_rank_deficient_b_raises_the_same_error_on_both_paths(x64, rng):
     assert all("not positive definite" in e[1] for e in errors)
 
 
-def test_nan_input_raises_the_same_error_on_both_paths(rng):
-    a, b = spd(rng, 5), spd(rng, 5) + np.eye(5)
-    b[0, 3] = np.inf
-    errors = [_error(lambda k=k: generalized_eigh(a, b, name="F_b", backend=k)) for k in BACKENDS]
-    assert errors[0] == errors[1] and "F_b has NaN/Inf" in errors[0][1]
+@pytest.mark.parametrize("n", [5, 130])
+def test_nan_input_raises_the_same_error_on_both_paths(rng, n):
+    a, b = np.stack([spd(rng, n)] * 2), np.stack([spd(rng, n) + np.eye(n)] * 2)
+    for x, label, value in ((b, "F_b", np.inf), (a, "A", np.nan)):
+        x = x.copy()
+        x[1, 0, 3] = value
+        args = (x, b) if label == "A" else (a, x)
+        errors = [_error(lambda k=k: generalized_eigh(*args, name="F_b", backend=k)) for k in BACKENDS]
+        assert errors[0] == errors[1] and f"{label} has NaN/Inf entries at batch index (1,)" in errors[0][1]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

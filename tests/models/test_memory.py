@@ -75,6 +75,15 @@ def test_mistral_fsdp8_weights_and_does_not_fit_with_a_large_fisher_chunk_on_16g
     assert big.fisher_activations == 8 * small.fisher_activations
 
 
+def test_the_fisher_chunk_is_per_data_shard():
+    """accumulate pads every block to chunk × data and each data-parallel device scans `chunk`
+    samples at a time: more data devices do not shrink a device's Fisher activations."""
+    one, eight = (memory_plan(PRESET_CONFIGS["mistral-7b"], mesh_shape={"data": d}, fisher_chunk=8, batch_size=8,
+                              seq_len=1024) for d in (1, 8))
+    assert eight.fisher_activations == one.fisher_activations and eight.fisher_state == one.fisher_state
+    assert eight.train_activations * 8 == one.train_activations  # the training batch does split over data
+
+
 def test_unknown_mesh_axis_or_target_is_an_error():
     with pytest.raises(ValueError, match="mesh_shape"):
         memory_plan(TINY, mesh_shape={"model": 2})

@@ -25,13 +25,14 @@ compared on the same responses; utility is exact match and does not depend on th
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from absl import app, flags
 
 from experiments.common import EXPERIMENT_DIRS
 from experiments.report import format_number, markdown_table
@@ -434,19 +435,18 @@ def make_judges(names: Sequence[str]) -> dict[str, Any]:
     return {n: make_judge(n) for n in names}
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("results_dir", "results", "The study's --output_dir (its exp*/ result files).")
-flags.DEFINE_string("output", None, "Where the report goes (default: --results_dir).")
-flags.DEFINE_list("judges", ["keyword", "rule"], "Judges to re-score the records with (the first one is "
-                  "used for the paired tests).")
-
-
-def main(argv) -> int:
-    del argv
-    study = load_study(FLAGS.results_dir)
-    judges = make_judges(FLAGS.judges)
-    rep = build_report(study, judges, main_judge=FLAGS.judges[0])
-    out = Path(FLAGS.output or FLAGS.results_dir)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Pool a study's per-seed result files into one report.")
+    parser.add_argument("--results_dir", default="results", help="The study's --output_dir (its exp*/ result files).")
+    parser.add_argument("--output", default=None, help="Where the report goes (default: --results_dir).")
+    parser.add_argument("--judges", default="keyword,rule",
+                        help="Comma list of judges to re-score the records with (keyword, rule, semantic); "
+                             "the first one is used for the paired tests.")
+    args = parser.parse_args(argv)
+    names = [n for n in args.judges.split(",") if n]
+    study = load_study(args.results_dir)
+    rep = build_report(study, make_judges(names), main_judge=names[0])
+    out = Path(args.output or args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "study_report.json", json_safe(rep))
     write_text(out / "study_report.md", to_markdown(rep))
@@ -456,4 +456,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

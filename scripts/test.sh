@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 set -euo pipefail
 export JAX_PLATFORMS=cpu
 args=(-q)
-if [ "${SST_JAX_SLOW:-0}" != "1" ]; then args+=(-m "not slow"); fi
+# SST_JAX_HEAVY=1 also runs tests marked heavy (8-device experiment runs, two-process runs: 30+ min).
+marks=()
+if [ "${SST_JAX_SLOW:-0}" != "1" ]; then marks+=("not slow"); fi
+if [ "${SST_JAX_HEAVY:-0}" != "1" ]; then marks+=("not heavy"); fi
+if [ ${#marks[@]} -gt 0 ]; then expr="${marks[0]}"; for m in "${marks[@]:1}"; do expr="$expr and $m"; done; args+=(-m "$expr"); fi
 set +e
 python -m pytest "${args[@]}" "$@"
 rc=$?

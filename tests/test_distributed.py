@@ -110,6 +110,7 @@ def _relative(placed, root: Path) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_processes_compute_the_fishers_and_the_merge_of_one(one_process_merge, tmp_path):
     root, utility, safety, one_writes = one_process_merge
     writes = run("sst-merge", _merge_args(utility, safety, tmp_path / "merged", tmp_path / "cache") +
@@ -138,6 +139,7 @@ def test_two_processes_compute_the_fishers_and_the_merge_of_one(one_process_merg
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_hosts_that_see_different_caches_stop_with_an_error(one_process_merge, tmp_path):
     root, utility, safety, _ = one_process_merge
     shutil.copytree(root / "cache", tmp_path / "cache0")  # process 0 sees the cache, process 1 an empty one

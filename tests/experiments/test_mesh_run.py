@@ -89,6 +89,7 @@ CASES = {"data=2,fsdp=2,tensor=2": (8, 1), "data=8": (8, 1), "2 processes, data=
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_tiny_run_on_8_devices_equals_one_device(tiny_run, tmp_path, case):
     _, one, _ = tiny_run

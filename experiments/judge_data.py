@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -44,22 +45,22 @@ from sst_jax.lora.algebra import fold
 from sst_jax.models import load_model
 from sst_jax.pipeline import adapter_digest
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("output", None, "Generate: write the TRAIN and EVAL pools' responses to this JSONL file.")
-flags.DEFINE_bool("fit", False, "Refit the semantic judge from --labelled_train into --weights.")
-flags.DEFINE_bool("agreement", False, "Print keyword, rule and semantic judges vs --labelled_eval.")
-flags.DEFINE_string("agreement_output", None, "With --agreement: also write the table as JSON here.")
-flags.DEFINE_string("mode", "minimal", "configs/<mode>.json gives the splits, LoRA and generation settings.")
-flags.DEFINE_string("model", "smollm2-135m", "Base model of the configurations.")
-flags.DEFINE_integer("seed", 0, "Seed of the splits, adapters and prompt order.")
-flags.DEFINE_string("output_dir", "results", "Where the results cache lives (<output_dir>/cache).")
-flags.DEFINE_string("domain", "comparison", "Utility expert's domain.")
-flags.DEFINE_integer("train_per_kind", 30, "TRAIN pool: harmful and benign prompts per configuration.")
-flags.DEFINE_integer("jailbreaks", 8, "TRAIN pool: jailbreak-wrapped harmful prompts per configuration.")
-flags.DEFINE_integer("eval_per_kind", 17, "EVAL pool: harmful and benign prompts per configuration.")
-flags.DEFINE_string("labelled_train", None, "Default: sst_jax/data/assets/judge/labelled_train.jsonl.")
-flags.DEFINE_string("labelled_eval", None, "Default: sst_jax/data/assets/judge/labelled_eval.jsonl.")
-flags.DEFINE_string("weights", None, "Default: sst_jax/data/assets/judge/semantic_lr_v1.json.")
+FLAGS = flags.FlagValues()  # its own flags: the module is imported beside run_real_experiments in tests
+flags.DEFINE_string("output", None, "Generate: write the TRAIN and EVAL pools' responses to this JSONL file.", flag_values=FLAGS)
+flags.DEFINE_bool("fit", False, "Refit the semantic judge from --labelled_train into --weights.", flag_values=FLAGS)
+flags.DEFINE_bool("agreement", False, "Print keyword, rule and semantic judges vs --labelled_eval.", flag_values=FLAGS)
+flags.DEFINE_string("agreement_output", None, "With --agreement: also write the table as JSON here.", flag_values=FLAGS)
+flags.DEFINE_string("mode", "minimal", "configs/<mode>.json gives the splits, LoRA and generation settings.", flag_values=FLAGS)
+flags.DEFINE_string("model", "smollm2-135m", "Base model of the configurations.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the splits, adapters and prompt order.", flag_values=FLAGS)
+flags.DEFINE_string("output_dir", "results", "Where the results cache lives (<output_dir>/cache).", flag_values=FLAGS)
+flags.DEFINE_string("domain", "comparison", "Utility expert's domain.", flag_values=FLAGS)
+flags.DEFINE_integer("train_per_kind", 30, "TRAIN pool: harmful and benign prompts per configuration.", flag_values=FLAGS)
+flags.DEFINE_integer("jailbreaks", 8, "TRAIN pool: jailbreak-wrapped harmful prompts per configuration.", flag_values=FLAGS)
+flags.DEFINE_integer("eval_per_kind", 17, "EVAL pool: harmful and benign prompts per configuration.", flag_values=FLAGS)
+flags.DEFINE_string("labelled_train", None, "Default: sst_jax/data/assets/judge/labelled_train.jsonl.", flag_values=FLAGS)
+flags.DEFINE_string("labelled_eval", None, "Default: sst_jax/data/assets/judge/labelled_eval.jsonl.", flag_values=FLAGS)
+flags.DEFINE_string("weights", None, "Default: sst_jax/data/assets/judge/semantic_lr_v1.json.", flag_values=FLAGS)
 
 CONFIGURATIONS = ("base", "safety", "safety_refusal_only", "utility", "task_arithmetic@1", "sst@1")
 KINDS = ("harmful", "benign")
@@ -292,4 +293,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    rest = FLAGS(sys.argv)  # this module's flags; absl's own (logging) from what is left
+    app.run(main, argv=rest)

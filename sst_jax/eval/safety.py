@@ -196,9 +196,11 @@ def teacher_forced_nll(model, params, pairs: Sequence[tuple[str, str]], *, branc
                        max_length: int | None = None, seed: int = 0, progress: bool = True,
                        desc: str = "nll") -> NLLResult:
     """Mean response-token NLL of each (prompt, response), chat-formatted (or plain text);
-    batches split over the model's mesh like `generate_responses`."""
+    batches split over the model's mesh, and fewer pairs than `batch_size` rounded up to a
+    multiple of 8 rows, like `generate_responses`."""
     if not pairs:
         raise ValueError("no (prompt, response) pairs")
+    batch_size = max(1, min(batch_size, -(-len(pairs) // 8) * 8))
     mesh = model_mesh(model)
     tok = model.tokenizer
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else model.config.pad_token_id)

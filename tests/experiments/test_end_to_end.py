@@ -51,6 +51,9 @@ def test_aggregates_are_computed_from_the_per_sample_records(runs):
         if name in ("base", "safety_only", "utility_only"):  # MC utility beside the primary one
             _check_estimate(ev["metrics"]["utility_mc"], ev["records"]["utility_mc"], "correct")
             assert all(len(r["choice_loglik"]) == 4 for r in ev["records"]["utility_mc"])
+        # smoke computes the refusal NLL (minimal and the study turn it off): mean of the per-item values
+        per_item = [r["refusal_nll"] for r in ev["records"]["harmful"]]
+        assert math.isclose(ev["metrics"]["refusal_nll"], sum(per_item) / len(per_item), rel_tol=1e-9)
     assert set(exp1["safety_tax"]) == {"task_arithmetic@1", "sst@1", "sst_guard@1"}
     exp3 = first["exp3"]["results"]["0"]
     methods = {r["method"] for r in exp3["rows"]}

@@ -77,5 +77,6 @@ def fisher_ablation(wb: Workbench, acfg: dict | None, utility, safety, domain: s
         rows.append({"method": method, "alpha": alpha, "fisher_samples": [n_h, n_b], "label": res["label"],
                      "refusal": m["refusal"], "over_refusal": m["over_refusal"], "utility": m["utility"],
                      "samples_used": res.get("merge_report", {}).get("data", {}).get("samples"),
+                     "patch_norm": res.get("merge_report", {}).get("safety_patch_norm"),
                      "records": res["records"]})
     return rows

@@ -26,6 +26,7 @@ compared on the same responses; utility is exact match and does not depend on th
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -56,12 +57,14 @@ def load_study(results_dir: str | Path) -> dict[str, dict[str, Any]]:
     root = Path(results_dir)
     out: dict[str, dict[str, Any]] = {}
     for exp, sub in EXPERIMENT_DIRS.items():
-        files = sorted((root / sub).glob(f"{exp}_results_*.json"))  # the timestamp sorts them
+        # The timestamp sorts them; .json.gz: per-seed files kept in git (docs/study/results).
+        files = sorted([*(root / sub).glob(f"{exp}_results_*.json"), *(root / sub).glob(f"{exp}_results_*.json.gz")],
+                       key=lambda f: f.name)
         if not files:
             continue
         entry = out.setdefault(exp, {"results": {}, "files": [], "timings": {}})
         for f in files:
-            payload = json.loads(f.read_text())
+            payload = json.loads(gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_text())
             entry["results"].update(payload["results"])  # newer files win
             entry["files"].append(f.name)
             entry["timings"][f.name] = payload.get("timings_s", {})
@@ -260,11 +263,15 @@ def ablation_table(study: Mapping, judged: JudgedRecords, judge: str) -> list[di
     rows: dict[str, dict] = {}
     for seed, res in study.get("exp3", {}).get("results", {}).items():
         for r in res.get("fisher_ablation", []):
-            e = rows.setdefault(r["label"], {"label": r["label"], "fisher_samples": r["fisher_samples"], "evs": {}})
+            e = rows.setdefault(r["label"], {"label": r["label"], "fisher_samples": r["fisher_samples"], "evs": {},
+                                             "norms": []})
             e["evs"][seed] = {"records": r["records"]}
+            if r.get("patch_norm") is not None:  # rows written since 2026-12-02
+                e["norms"].append(float(r["patch_norm"]))
     out = []
     for e in rows.values():
-        row = {"label": e["label"], "fisher_samples": e["fisher_samples"], "seeds": sorted(e["evs"])}
+        row = {"label": e["label"], "fisher_samples": e["fisher_samples"], "seeds": sorted(e["evs"]),
+               "patch_norm": float(np.mean(e["norms"])) if e["norms"] else None}
         for rate in ("refusal", "over_refusal", "utility"):
             row[rate] = pooled_proportion([proportion(judged(ev, rate, judge)) for ev in e["evs"].values()]).as_dict()
         out.append(row)
@@ -384,9 +391,11 @@ def to_markdown(rep: Mapping) -> str:
         lines += [markdown_table(header, rows), ""]
     if rep["fisher_ablation"]:
         lines += ["## Fisher-count ablation (harmful + benign samples)", "",
-                  markdown_table(["configuration", "refusal", "over-refusal", "utility", "seeds"],
+                  markdown_table(["configuration", "refusal", "over-refusal", "utility", "patch norm (mean over seeds)",
+                                  "seeds"],
                                  [[r["label"], _pct(r["refusal"]), _pct(r["over_refusal"]), _pct(r["utility"]),
-                                   len(r["seeds"])] for r in rep["fisher_ablation"]]), ""]
+                                   format_number(r.get("patch_norm")), len(r["seeds"])]
+                                  for r in rep["fisher_ablation"]]), ""]
     if rep["exp2"]:
         lines += ["## exp2: N experts + S", "",
                   markdown_table(["N", "method", "retention mean (± sd over seeds)", "worst task", "refusal", "S alone refusal"],

@@ -82,6 +82,10 @@ def test_fisher_ablation_rows_and_the_main_setting_agree(report):
     # (4, 4) is the config's own count: the same merge as sst@1, so the same verdicts
     main = next(r for r in rep["rates"]["keyword"] if r["name"] == "sst@1")
     assert rows[1]["refusal"] == main["refusal"] and rows[1]["utility"] == main["utility"]
+    # ... and the same safety patch ‖ΔW − ΔW_U‖ as exp3's sst@1 row
+    norms = study_report.patch_norms(study)["sst@1"]
+    assert rows[1]["patch_norm"] == pytest.approx(np.mean(list(norms.values())), rel=1e-12)
+    assert rows[0]["patch_norm"] > 0
 
 
 def test_report_renders_markdown_json_and_plot(report, tmp_path):
@@ -90,3 +94,20 @@ def test_report_renders_markdown_json_and_plot(report, tmp_path):
     assert "SST vs each method at the same α" in md and "Fisher-count ablation" in md and "Hypervolume" in md
     png = study_report.plot_fronts(tmp_path / "f.png", rep)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gzipped_result_files_load_like_the_originals(tiny_run, tmp_path):
+    """Per-seed files kept compressed (docs/study/results) pool exactly as the written JSONs."""
+    import gzip
+
+    _, out, _ = tiny_run
+    original = study_report.load_study(out)
+    for exp, sub in study_report.EXPERIMENT_DIRS.items():
+        for f in sorted((out / sub).glob(f"{exp}_results_*.json")):
+            (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+            (tmp_path / sub / (f.name + ".gz")).write_bytes(gzip.compress(f.read_bytes()))
+    packed = study_report.load_study(tmp_path)
+    assert set(packed) == set(original)
+    for exp in original:
+        assert packed[exp]["results"] == original[exp]["results"]
+        assert [n.removesuffix(".gz") for n in packed[exp]["files"]] == original[exp]["files"]

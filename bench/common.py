@@ -108,11 +108,14 @@ def set_torch_threads() -> int:
     return n
 
 
-def run_case(script: str, case: str, args: Sequence[str] = (), timeout: int = 900) -> dict:
-    """Run `python script --case case` in a fresh process; it prints one JSON line 'RESULT {...}'."""
+def run_case(script: str, case: str, args: Sequence[str] = (), timeout: int = 900,
+             env_overrides: dict | None = None) -> dict:
+    """Run `python script --case case` in a fresh process; it prints one JSON line 'RESULT {...}'.
+    `env_overrides` win over the thread settings (e.g. XLA_FLAGS for forced host devices)."""
     cmd = [sys.executable, script, "--case", case, *args]
     env = dict(os.environ)
     env.update(thread_env(threads()))
+    env.update(env_overrides or {})
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # stdin from /dev/null: a case started from a background job must never wait on a terminal.
     try:

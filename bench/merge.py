@@ -285,7 +285,8 @@ def main() -> None:
         per_layer = s / args.layers if s is not None else None
         width = "7B width" if div == "1" else f"1/{div} width"
         # Same trim, election and merge as PEFT's ties with equal weights (DARE: other random masks).
-        diff = compare_samples(f"ours_{m}", f"peftutil_{m}") if lib == "ours" and m == "ties" else float("nan")
+        ran_both = lib == "ours" and m == "ties" and f"peftutil:ties:{div}" in results  # samples of this run
+        diff = compare_samples(f"ours_{m}", f"peftutil_{m}") if ran_both else float("nan")
         rows.append([f"{lib} {m} ({width})", s, per_layer, per_layer * 32 if per_layer is not None else None,
                      r.get("peak_mb"), r.get("max_rss_mb"), common.ratio(ref_cat, s), common.ratio(ref_ties, s),
                      common.ratio(ref_util, s), diff, r.get("error", "")[-80:]])

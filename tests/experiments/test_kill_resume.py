@@ -26,8 +26,9 @@ def _env() -> dict:
 
 
 def _entries(out: Path) -> int:
-    cache = out / "cache"
-    return sum(1 for _ in cache.rglob("*.json")) + sum(1 for _ in cache.rglob("*.pkl")) if cache.exists() else 0
+    """Cache entries written so far. os.walk, not rglob: the run renames checkpoint folders
+    while we count (orbax's temporary folders vanish mid-walk; os.walk skips them)."""
+    return sum(1 for _, _, files in os.walk(out / "cache") for f in files if f.endswith((".json", ".pkl")))
 
 
 def _kill_after(out: Path, entries: int, timeout: float = 300.0) -> None:

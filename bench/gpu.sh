@@ -11,6 +11,7 @@ py="${PYTHON:-$(command -v python3 || command -v python)}"
 if [ "${1:-}" = "--dry-run" ]; then
   [ -f scripts/env.sh ] && . scripts/env.sh
   export JAX_PLATFORMS=cpu
+  py=python  # the project venv's
 else
   if ! "$py" -c "import jax, flax, transformers; assert jax.default_backend() == 'gpu'" 2>/dev/null; then
     echo "[gpu.sh] no GPU jax in $py: installing jax[cuda12]==0.10.2 (needs network)" >&2
@@ -21,5 +22,4 @@ else
   export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 fi
 export TF_CPP_MIN_LOG_LEVEL=2 HF_HUB_OFFLINE=1
-[ "${1:-}" = "--dry-run" ] && py=python  # the project venv's
 exec "$py" bench/gpu.py "$@"

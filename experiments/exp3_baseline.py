@@ -73,10 +73,10 @@ def fisher_ablation(wb: Workbench, acfg: dict | None, utility, safety, domain: s
         n_h, n_b = (int(n), int(n)) if isinstance(n, (int, float)) else (int(n[0]), int(n[1]))
         res = wb.evaluate_merge(method, [utility], [1.0], safety=safety, alpha=alpha, domains=[domain],
                                 mc=False, fisher_samples=(n_h, n_b))
-        m = res["metrics"]
+        m, report = res["metrics"], res.get("merge_report", {})
         rows.append({"method": method, "alpha": alpha, "fisher_samples": [n_h, n_b], "label": res["label"],
                      "refusal": m["refusal"], "over_refusal": m["over_refusal"], "utility": m["utility"],
-                     "samples_used": res.get("merge_report", {}).get("data", {}).get("samples"),
-                     "patch_norm": res.get("merge_report", {}).get("safety_patch_norm"),
+                     "samples_used": report.get("data", {}).get("samples"),
+                     "patch_norm": report.get("safety_patch_norm"),
                      "records": res["records"]})
     return rows

@@ -58,6 +58,12 @@ def _as_prompts(prompts: Sequence[Prompt | str]) -> list[Prompt]:
     return [p if isinstance(p, Prompt) else Prompt(str(p), "unknown", "", "inline") for p in prompts]
 
 
+def _batch_rows(n: int, batch_size: int) -> int:
+    """Rows per batch: `batch_size`, or fewer than that many items rounded up to a multiple of 8
+    (one batch, not a mostly padded full one; few distinct shapes to compile)."""
+    return max(1, min(batch_size, -(-n // 8) * 8))
+
+
 def _pad_rows(rows: list, size: int) -> list:
     return rows + [rows[-1]] * (size - len(rows))
 
@@ -92,7 +98,7 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
     Rows are rounded up to split over the batch axes of the model's mesh (the extra rows
     repeat the last and are dropped).
     """
-    batch_size = max(1, min(batch_size, -(-len(prompts) // 8) * 8))
+    batch_size = _batch_rows(len(prompts), batch_size)
     mesh = model_mesh(model)
     tok = model.tokenizer
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else model.config.pad_token_id)
@@ -200,7 +206,7 @@ def teacher_forced_nll(model, params, pairs: Sequence[tuple[str, str]], *, branc
     multiple of 8 rows, like `generate_responses`."""
     if not pairs:
         raise ValueError("no (prompt, response) pairs")
-    batch_size = max(1, min(batch_size, -(-len(pairs) // 8) * 8))
+    batch_size = _batch_rows(len(pairs), batch_size)
     mesh = model_mesh(model)
     tok = model.tokenizer
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else model.config.pad_token_id)

@@ -112,7 +112,7 @@ def _exp2(per_seed: Mapping[str, dict]) -> dict[str, dict]:
     out = {}
     for method in methods:
         entry: dict[str, Any] = {"n_experts": [], "retention_mean": {}, "retention_worst": {},
-                                 "refusal": {}, "refusal_retained": {}, "per_seed": {}}
+                                 "refusal": {}, "refusal_retained": {}, "over_refusal": {}, "per_seed": {}}
         n_values = sorted({n for s in seeds for n, b in per_seed[s]["results"].items()
                            if method in b["methods"]}, key=int)
         s_alone = _pooled([per_seed[s]["safety_alone"]["metrics"].get("refusal") for s in seeds])
@@ -126,12 +126,14 @@ def _exp2(per_seed: Mapping[str, dict]) -> dict[str, dict]:
             entry["retention_mean"][n] = sum(means) / len(means) if means else None
             entry["retention_worst"][n] = min(worsts) if worsts else None
             entry["refusal"][n] = refusal
+            entry["over_refusal"][n] = _pooled([r.get("over_refusal") for r in rows.values()])
             entry["refusal_retained"][n] = (refusal["value"] / s_alone["value"]
                                             if refusal and s_alone and s_alone["value"] > 0 else None)
             for s, r in rows.items():
                 entry["per_seed"].setdefault(s, {})[n] = {
                     k: r[k] for k in ("retention_mean", "retention_worst", "retention_per_task",
-                                      "refusal", "refusal_retained")}
+                                      "refusal", "refusal_retained", "over_refusal")
+                    if k in r}
         entry["safety_alone_refusal"] = s_alone
         out[method] = entry
     return out

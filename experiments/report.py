@@ -42,12 +42,13 @@ def summary_rows(exp: str, payload: dict) -> tuple[list[str], list[list[str]]]:
                              format_number(tax.get("absolute")), format_number(tax.get("relative"))])
     elif exp == "exp2":
         header = ["seed", "N", "method", "retention mean", "retention worst", "refusal %",
-                  "refusal retained"]
+                  "refusal retained", "over-refusal %"]
         for seed, res in payload["results"].items():
             for n, block in res["results"].items():
                 for method, r in block["methods"].items():
                     rows.append([seed, n, method, format_number(r["retention_mean"]), format_number(r["retention_worst"]),
-                                 _fmt(r["refusal"]), format_number(r["refusal_retained"])])
+                                 _fmt(r["refusal"]), format_number(r["refusal_retained"]),
+                                 _fmt(r.get("over_refusal"))])
     else:
         header = ["seed", "method", "α", "refusal % [95% CI]", "over-refusal % [95% CI]",
                   "utility % [95% CI]", "abs. tax", "composite", "composite 2-D", "patch ‖ΔW‖"]

@@ -285,16 +285,21 @@ def exp2_table(study: Mapping) -> list[dict]:
         for n, block in res.get("results", {}).items():
             for method, m in block.get("methods", {}).items():
                 e = out.setdefault((int(n), method), {"n_experts": int(n), "method": method,
-                                                      "retention": [], "worst": [], "refusal": [], "alone": []})
+                                                      "retention": [], "worst": [], "refusal": [], "over_refusal": [],
+                                                      "alone": []})
                 e["retention"].append(m["retention_mean"])
                 e["worst"].append(m["retention_worst"])
                 e["refusal"].append(m["refusal"])
+                if m.get("over_refusal"):  # absent in runs made before exp2 measured it
+                    e["over_refusal"].append(m["over_refusal"])
                 if alone:
                     e["alone"].append(alone)
     rows = []
     for e in out.values():
         rows.append({"n_experts": e["n_experts"], "method": e["method"], "retention_mean": mean_sd(e["retention"]),
                      "retention_worst": min((w for w in e["worst"] if w is not None), default=None), "refusal": pooled_proportion(e["refusal"]).as_dict(),
+                     "over_refusal": pooled_proportion(e["over_refusal"]).as_dict() if e["over_refusal"] else None,
+                     "over_refusal_seeds": len(e["over_refusal"]),
                      "safety_alone_refusal": pooled_proportion(e["alone"]).as_dict() if e["alone"] else None})
     return sorted(rows, key=lambda r: (r["n_experts"], r["method"]))
 
@@ -398,9 +403,12 @@ def to_markdown(rep: Mapping) -> str:
                                   for r in rep["fisher_ablation"]]), ""]
     if rep["exp2"]:
         lines += ["## exp2: N experts + S", "",
-                  markdown_table(["N", "method", "retention mean (± sd over seeds)", "worst task", "refusal", "S alone refusal"],
+                  markdown_table(["N", "method", "retention mean (± sd over seeds)", "worst task", "refusal", "over-refusal (seeds)",
+                                  "S alone refusal"],
                                  [[r["n_experts"], r["method"], _ms(r["retention_mean"], 1, 2), format_number(r["retention_worst"], 2),
-                                   _pct(r["refusal"]), _pct(r["safety_alone_refusal"])] for r in rep["exp2"]]), ""]
+                                   _pct(r["refusal"]),
+                                   f"{_pct(r['over_refusal'])} ({r['over_refusal_seeds']})" if r["over_refusal"] else "not measured",
+                                   _pct(r["safety_alone_refusal"])] for r in rep["exp2"]]), ""]
     lines += ["## Wall time by phase (s)", ""]
     for exp, files in rep["timings_s"].items():
         for f, t in files.items():

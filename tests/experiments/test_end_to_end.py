@@ -62,6 +62,10 @@ def test_aggregates_are_computed_from_the_per_sample_records(runs):
     exp2 = first["exp2"]["results"]["0"]["results"]["2"]["methods"]
     # minimal's exp2 runs the additive, TIES and SST-family merges (DARE-TIES and AGL are in exp3)
     assert set(exp2) == {"task_arithmetic", "ties", "sst", "sst_multi", "sst_guard"}
+    for method, r in exp2.items():  # exp2 measures over-refusal on the benign test prompts
+        benign = [rec["refused"] for rec in r["evaluation"]["records"]["benign"]]
+        assert r["over_refusal"]["n"] == len(benign) == 6, method
+        assert r["over_refusal"]["value"] == sum(benign) / len(benign), method
 
 
 def test_same_seed_gives_the_same_numbers(runs):

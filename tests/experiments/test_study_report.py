@@ -111,3 +111,24 @@ def test_gzipped_result_files_load_like_the_originals(tiny_run, tmp_path):
     for exp in original:
         assert packed[exp]["results"] == original[exp]["results"]
         assert [n.removesuffix(".gz") for n in packed[exp]["files"]] == original[exp]["files"]
+
+
+def test_exp2_over_refusal_pools_the_benign_records(report):
+    study, rep = report
+    assert rep["exp2"]
+    for row in rep["exp2"]:
+        evs = [res["results"][str(row["n_experts"])]["methods"][row["method"]]["evaluation"]
+               for res in study["exp2"]["results"].values()]
+        items = [r["refused"] for ev in evs for r in ev["records"]["benign"]]
+        assert row["over_refusal_seeds"] == len(evs)
+        assert row["over_refusal"]["n"] == len(items) > 0
+        assert row["over_refusal"]["value"] == pytest.approx(np.mean(items))
+
+
+def test_exp2_without_over_refusal_reports_it_as_not_measured(report):
+    study, _ = report
+    old = {"exp2": {"results": {s: {**res, "results": {n: {**b, "methods": {
+        m: {k: v for k, v in r.items() if k != "over_refusal"} for m, r in b["methods"].items()}}
+        for n, b in res["results"].items()}} for s, res in study["exp2"]["results"].items()}}}
+    rows = study_report.exp2_table(old)
+    assert rows and all(r["over_refusal"] is None and r["over_refusal_seeds"] == 0 for r in rows)

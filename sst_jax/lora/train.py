@@ -247,7 +247,12 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
     compute_cfg = config.replace(dtype="bfloat16") if cfg.bf16 else config
     frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params) if cfg.bf16 else params
     out_dtype = adapter.meta.dtype
-    adapter = adapter.astype("float32")  # master weights in f32 whatever the compute dtype
+    meta = adapter.meta
+    # Master weights in f32 whatever the compute dtype. The adapter's name is static pytree data
+    # that the step never reads: trained under a blank name, every adapter of the same shape
+    # reuses one compiled step (N experts compile once, not N times); it is restored at the end.
+    adapter = LoraAdapter(factors=adapter.astype("float32").factors,
+                          meta=dataclasses.replace(meta, dtype="float32", name=""))
     optimizer = make_optimizer(cfg)
     train_step = functools.partial(_train_step, config=compute_cfg, cfg=cfg, regularizer=regularizer,
                                    replicated=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -263,7 +268,7 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
             total += float(losses[:n_real].sum())
         return total / len(evals)
 
-    run_key = stable_hash({"cfg": dataclasses.asdict(cfg), "meta": repr(adapter.meta),
+    run_key = stable_hash({"cfg": dataclasses.asdict(cfg), "meta": repr(dataclasses.replace(meta, dtype="float32")),
                            "train": train, "eval": evals, "model": getattr(model, "name", ""),
                            "regularizer": getattr(regularizer, "__qualname__", None)})
     opt_state = optimizer.init(adapter)
@@ -282,7 +287,7 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
     base_key = jax.random.key(cfg.seed)
     # A finished or early-stopped run restored from its checkpoint does not train further.
     start = cfg.steps if state_progress["stopped_early"] else int(state_progress["step"])
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {adapter.meta.name}", unit="step",
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {meta.name}", unit="step",
                disable=not progress, dynamic_ncols=True)
     try:
         for step in range(start, cfg.steps):
@@ -297,7 +302,7 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
             train_loss = float(np.mean(losses))
             if not math.isfinite(train_loss):
                 raise NumericalError(f"training loss became {train_loss} at step {step + 1} of adapter "
-                                     f"{adapter.meta.name!r}; lower TrainConfig.lr (now {cfg.lr}) or enable clipping")
+                                     f"{meta.name!r}; lower TrainConfig.lr (now {cfg.lr}) or enable clipping")
             hist["step"].append(step + 1)
             hist["train_loss"].append(train_loss)
             hist["lr"].append(float(schedule(step)))
@@ -337,4 +342,5 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
     # The factors come back as arrays of this process's default device, like the Fishers: merges
     # work on them locally, whatever mesh trained them.
     result = jax.tree.map(lambda x: jnp.asarray(to_host(x)), best if evals else adapter)
+    result = LoraAdapter(factors=result.factors, meta=dataclasses.replace(meta, dtype="float32"))
     return (result if out_dtype == "float32" else result.astype(out_dtype)), history

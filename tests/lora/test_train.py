@@ -174,3 +174,21 @@ def test_encoded_items_train_exactly_like_the_same_chat_pairs():
     from_text = encode_pairs(model.tokenizer, pairs, cfg, "train")
     pre = [encode_chat(model.tokenizer, p, r) for p, r in pairs]
     assert encode_pairs(model.tokenizer, pre, cfg, "train") == from_text
+
+
+def test_adapters_that_differ_only_in_name_share_one_compiled_step(tiny):
+    # The name is static pytree data: trained as is, each of N experts would recompile the step.
+    from sst_jax.lora import train as train_mod
+
+    cfg = TrainConfig(steps=2, lr=1e-3, batch_size=4, warmup_steps=0, max_length=64)
+    pairs = TRAIN[:4]  # one length bucket
+    first = dataclasses.replace(small(tiny, seed=1), meta=dataclasses.replace(small(tiny).meta, name="expert:a"))
+    second = dataclasses.replace(small(tiny, seed=2), meta=dataclasses.replace(small(tiny).meta, name="expert:b"))
+    a, _ = train_lora(tiny, first, pairs, None, cfg, progress=False)
+    compiled = train_mod._train_step._cache_size()
+    b, _ = train_lora(tiny, second, pairs, None, cfg, progress=False)
+    assert train_mod._train_step._cache_size() == compiled
+    assert (a.meta.name, b.meta.name) == ("expert:a", "expert:b")
+    # Same settings and data from other initial factors: the trained factors differ (a real run each).
+    key = sorted(a.factors)[0]
+    assert not np.allclose(np.asarray(a.factors[key].a), np.asarray(b.factors[key].a))

@@ -47,9 +47,9 @@ S's attention of the same layer, not the merged one). K_b stays at θ₀ + ΔW_U
 
 Statistics: `guard_moments(inputs, harmful, benign, ...)` returns a cacheable `GuardMoments`,
 passed as `fishers=` (the registry's statistics hook is `guard_statistics`). Dense K come from
-`sst_jax.fisher.kfac_factors` (its A factors; its G factors are computed and unused); sample
-matrices from `input_samples` (one forward with captured inputs at the same positions), since
-the K-FAC pass returns sums only. Directions with μ = 0 (k > rank K_h) are arbitrary within
+`input_moments` (one forward per batch with captured inputs: the A factor of
+`sst_jax.fisher.kfac_factors` without its per-sample backward for the G factor, which the guard
+does not use; ≈ 3× faster), sample matrices from `input_samples` (the same forward, rows kept). Directions with μ = 0 (k > rank K_h) are arbitrary within
 K_h's null space: past the rank, k only removes benign-costly directions.
 
 Not done: the output side (K-FAC G factors, the two-sided Kronecker guard), and the
@@ -60,13 +60,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from sst_jax import fisher as fsh
 from sst_jax.linalg import generalized_eigh, select_k
 from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
 from sst_jax.merge.fishers import as_batches, n_samples
@@ -211,13 +212,47 @@ def input_samples(model, base_branches, modules, batches: list[dict]) -> dict[Mo
     return {k: jnp.asarray(np.concatenate(v, axis=0) / np.sqrt(total)) for k, v in rows.items()}
 
 
+@functools.partial(jax.jit, static_argnames=("config", "modules"))
+def _captured_moments(config, params, branches, input_ids, attention_mask, weight, *, modules):
+    """Σ_b,t w x xᵀ per module, w = 1 at the positions that predict a response token (float64-free:
+    float32 sums at HIGHEST precision, as `kfac_factors` accumulates its A factor)."""
+    _, x = forward(config, params, input_ids, attention_mask, branches=branches, capture_inputs=True)
+    return {k: jnp.einsum("bti,btj->ij", x[k] * weight[..., None], x[k], precision=_HI) for k in modules}
+
+
+def input_moments(model, base_branches, modules, batches: list[dict], *, desc: str = "K") -> dict[ModuleKey, jax.Array]:
+    """K = E[x xᵀ] (in, in) per module over the positions that predict response tokens, at θ₀ +
+    base_branches: the K-FAC A factor of `kfac_factors`, from one forward pass per batch (no
+    per-sample gradients: the guard never uses K-FAC's G factor). Batches split over the mesh."""
+    modules = tuple(sorted(modules))
+    mesh = model_mesh(model)
+    sums, start = None, time.perf_counter()
+    for b in batches:
+        pos = _positions(b).astype(np.float32)
+        padded, _ = pad_batch({"input_ids": np.asarray(b["input_ids"]), "attention_mask": np.asarray(b["attention_mask"]),
+                               "weight": pos}, mesh)
+        padded["weight"][len(pos):] = 0.0  # rows that only pad the batch to the mesh
+        placed = put_batch(mesh, padded)
+        part = _captured_moments(model.config, model.params, dict(base_branches), placed["input_ids"],
+                                 placed["attention_mask"], placed["weight"], modules=modules)
+        sums = part if sums is None else {k: sums[k] + part[k] for k in modules}
+    total = n_tokens(batches)
+    if sums is None or total == 0:
+        raise ValueError(f"{desc}: no response tokens (loss_mask is all zero)")
+    logging.info("%s: %d samples, %d response positions in %.1f s", desc, n_samples(batches), total,
+                 time.perf_counter() - start)
+    return {k: jnp.asarray(to_host(v)) / total for k, v in sums.items()}
+
+
 def _moments(model, base, modules, batches, forms, *, chunk: int | None, desc: str) -> dict:
-    """K (dense, from `kfac_factors`) or X (samples) per module, as forms[key] says."""
+    """K (dense) or X (samples) per module, as forms[key] says (`chunk` is unused: one forward
+    per batch; kept so the statistics hooks keep one signature)."""
+    del chunk
     dense = [k for k in modules if forms[k] == "dense"]
     wide = [k for k in modules if forms[k] == "samples"]
     out = {}
     if dense:
-        out.update(fsh.kfac_factors(model, base, dense, batches, chunk=chunk, desc=desc).a)
+        out.update(input_moments(model, base, dense, batches, desc=desc))
     if wide:
         out.update(input_samples(model, base, wide, batches))
     return out
@@ -390,4 +425,4 @@ def sst_guard(inputs: MergeInputs, *, fishers: GuardMoments | None = None, k: in
 
 
 __all__ = ["Guard", "GuardMoments", "choose_k", "default_k", "dense_guard", "guard_lowrank", "guard_matrix",
-           "guard_moments", "guard_statistics", "input_samples", "output_coords", "sample_guard", "sst_guard"]
+           "guard_moments", "guard_statistics", "input_moments", "input_samples", "output_coords", "sample_guard", "sst_guard"]

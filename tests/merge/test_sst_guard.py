@@ -10,7 +10,7 @@ import scipy.linalg
 
 from merge_helpers import SHAPES, np_delta, random_adapter
 from sst_jax.merge import SstFishers, merge, validate_inputs
-from sst_jax.merge.sst_guard import (GuardMoments, dense_guard, guard_matrix, guard_moments, input_samples,
+from sst_jax.merge.sst_guard import (GuardMoments, dense_guard, guard_matrix, guard_moments, input_moments, input_samples,
                                      sample_guard)
 from sst_jax.fisher import kfac_factors
 from sst_jax.models import LowRank, forward, load_model
@@ -280,6 +280,24 @@ def test_input_samples_are_the_kfac_input_factor(model, planted):
     for key in u:
         xs = np.asarray(x[key], np.float64)
         np.testing.assert_allclose(xs.T @ xs, a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_input_moments_are_the_kfac_input_factor(model, planted):
+    # The guard's dense K from one forward pass equals K-FAC's A factor (per-sample backward pass).
+    u, s, data, *_ = planted
+    base = {k: (lr,) for k, lr in u.items()}
+    batches = [{f: v[:3] for f, v in data["benign"].items()}, {f: v[3:] for f, v in data["benign"].items()}]
+    k = input_moments(model, base, sorted(u), batches)
+    a = kfac_factors(model, base, sorted(u), batches, chunk=4, progress=False).a
+    for key in u:
+        np.testing.assert_allclose(np.asarray(k[key]), np.asarray(a[key]), rtol=1e-5, atol=1e-6 * np.abs(a[key]).max())
+    # Not the unweighted moments of every position: only those that predict response tokens count.
+    from sst_jax.merge.sst_guard import _captured
+
+    key = sorted(u)[0]
+    x = np.concatenate([np.asarray(_captured(model.config, model.params, base, b["input_ids"], b["attention_mask"])[key])
+                        .reshape(-1, a[key].shape[0]) for b in batches])
+    assert not np.allclose(x.T @ x / len(x), np.asarray(a[key]), rtol=1e-2)
 
 
 def test_sample_form_merge_equals_dense_form_merge_on_the_model(model, planted):

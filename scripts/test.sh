@@ -3,7 +3,7 @@
 # SST_JAX_SLOW=1 also runs tests marked slow (135M model, end-to-end runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/env.sh
+. scripts/env.sh test
 set -euo pipefail
 export JAX_PLATFORMS=cpu
 args=(-q)

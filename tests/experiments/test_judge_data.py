@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from experiments.judge_data import (CONFIGURATIONS, JAILBREAK_TEMPLATES, agreement_table, file_sha256,
-                                    fit_judge, judge_verdicts, prompt_plan, read_jsonl)
+from experiments.judge_data import (CONFIGURATIONS, EVAL_JAILBREAK_TEMPLATES, JAILBREAK_TEMPLATES, agreement_table,
+                                    file_sha256, fit_judge, judge_verdicts, prompt_plan, read_jsonl)
 from sst_jax.data import embedded
 from sst_jax.eval.semantic_judge import DEFAULT_WEIGHTS, JUDGE_ASSETS, SemanticWeights
 
@@ -18,7 +18,7 @@ AGREEMENT = JUDGE_ASSETS / "agreement_eval.json"
 
 def unwrap(prompt: str) -> str:
     """The harmful request inside a jailbreak wrapper (the prompt itself if none matches)."""
-    for template in JAILBREAK_TEMPLATES:
+    for template in JAILBREAK_TEMPLATES + EVAL_JAILBREAK_TEMPLATES:
         head, tail = template.split("{prompt}")
         if prompt.startswith(head) and prompt.endswith(tail):
             return prompt[len(head): len(prompt) - len(tail)]
@@ -76,6 +76,22 @@ def test_prompt_plan_keeps_pools_apart_and_gives_each_configuration_its_own_prom
     wrapped = {unwrap(r["prompt"]) for r in rows if r["kind"] == "jailbreak"}
     assert len(wrapped) == 2 * len(CONFIGURATIONS)
     assert not wrapped & {r["prompt"] for r in rows if r["kind"] == "harmful"}
+
+
+def test_eval_jailbreaks_wrap_unused_test_prompts_in_held_out_wordings():
+    splits = type("S", (), {"harmful_train": (), "benign_train": ()})()
+    plain = prompt_plan(splits, train_per_kind=5, eval_per_kind=4, jailbreaks=2)
+    rows = prompt_plan(splits, train_per_kind=5, eval_per_kind=4, jailbreaks=2, eval_jailbreaks=3)
+    assert [r for r in rows if not (r["pool"] == "eval" and r["kind"] == "jailbreak")] == plain
+    jb = [r for r in rows if r["pool"] == "eval" and r["kind"] == "jailbreak"]
+    assert Counter(r["config"] for r in jb) == {c: 3 for c in CONFIGURATIONS}
+    harmful_test = {p.text for p in embedded.harmful_prompts("test")}
+    inner = [unwrap(r["prompt"]) for r in jb]
+    assert all(p in harmful_test for p in inner) and len(set(inner)) == len(inner)
+    assert not set(inner) & {r["prompt"] for r in rows if r["pool"] == "eval"}
+    heads = {t.split("{prompt}")[0] for t in EVAL_JAILBREAK_TEMPLATES}
+    assert all(any(r["prompt"].startswith(h) for h in heads) for r in jb)
+    assert not heads & {t.split("{prompt}")[0] for t in JAILBREAK_TEMPLATES}
 
 
 def test_shipped_weights_record_the_labelled_train_file():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's virtualenv and activates it. Source it: `. scripts/env.sh`
-# (what the library and the experiments need), or `. scripts/env.sh test` (also torch, PEFT
-# and pytest from requirements/lock-test.txt: the tests' and benchmarks' references; they are
-# a second layer of the same venv, installed the first time something asks for them).
+# (what the library and the experiments need), or `. scripts/env.sh test` (also PEFT and pytest
+# from requirements/lock-test.txt: the tests' and benchmarks' reference for adapters; a second
+# layer of the same venv, installed the first time something asks for it).
 # The venv lives outside the clone, keyed by a hash of the lock files, so a fresh clone on a
 # machine that already built the same lock reuses it, and a changed lock gets a new one.
 set -euo pipefail
@@ -22,17 +22,17 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"; mkdir -p "$root"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  # torch is pinned to the CPU wheel on disk (torch==2.13.0); transformers reads GGUF tokenizers through it.
   "$venv/bin/pip" install -q -r "$repo/requirements/lock.txt" 2>&1 | grep -v "^WARNING: Location" || true
   "$venv/bin/pip" install -q --no-deps -r "$repo/requirements/nodeps.txt" 2>&1 | grep -v "^WARNING: Location" || true
-  "$venv/bin/python" -c "import jax, flax, transformers, gguf, scipy, jinja2" \
+  "$venv/bin/python" -c "import jax, flax, transformers, torch, gguf, scipy, jinja2" \
     || { echo "[env] install failed" >&2; return 1 2>/dev/null || exit 1; }
   touch "$venv/.complete"
 fi
 if [ "$layer" = test ] && [ ! -f "$venv/.complete-test" ]; then
-  echo "[env] adding the test layer (torch, peft, pytest) to $venv" >&2
-  # torch is pinned to the CPU wheel on disk (torch==2.13.0).
+  echo "[env] adding the test layer (peft, pytest) to $venv" >&2
   "$venv/bin/pip" install -q -r "$repo/requirements/lock-test.txt" 2>&1 | grep -v "^WARNING: Location" || true
-  "$venv/bin/python" -c "import torch, peft, pytest" \
+  "$venv/bin/python" -c "import peft, pytest" \
     || { echo "[env] install of the test layer failed" >&2; return 1 2>/dev/null || exit 1; }
   touch "$venv/.complete-test"
 fi

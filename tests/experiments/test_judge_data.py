@@ -40,26 +40,29 @@ def test_labelled_rows_have_the_documented_schema(labelled):
     train, evaluation = labelled
     assert len(train) >= 380 and len(evaluation) >= 200
     assert {r["kind"] for r in train} == {"harmful", "benign", "jailbreak"}
-    assert {r["kind"] for r in evaluation} == {"harmful", "benign"}
+    assert {r["kind"] for r in evaluation} == {"harmful", "benign", "jailbreak"}
 
 
 def test_eval_sample_is_stratified_over_configurations_and_kinds(labelled):
     counts = Counter((r["config"], r["kind"]) for r in labelled[1])
-    assert set(counts) == {(c, k) for c in CONFIGURATIONS for k in ("harmful", "benign")}
-    assert max(counts.values()) - min(counts.values()) <= 1
+    assert set(counts) == {(c, k) for c in CONFIGURATIONS for k in ("harmful", "benign", "jailbreak")}
+    plain = [v for (c, k), v in counts.items() if k != "jailbreak"]
+    assert max(plain) - min(plain) <= 1
+    assert {v for (c, k), v in counts.items() if k == "jailbreak"} == {8}
 
 
 def test_labelled_files_share_no_prompt(labelled):
     train, evaluation = labelled
     train_prompts = {r["prompt"] for r in train} | {unwrap(r["prompt"]) for r in train}
-    assert not train_prompts & {r["prompt"] for r in evaluation}
+    assert not train_prompts & ({r["prompt"] for r in evaluation} | {unwrap(r["prompt"]) for r in evaluation})
 
 
 def test_eval_prompts_are_test_split_and_train_prompts_train_split(labelled):
     train, evaluation = labelled
     test_split = {p.text for p in embedded.harmful_prompts("test")} | {p.text for p in embedded.benign_prompts("test")}
     train_split = {p.text for p in embedded.harmful_prompts("train")} | {p.text for p in embedded.benign_prompts("train")}
-    assert all(r["prompt"] in test_split for r in evaluation)
+    assert all(unwrap(r["prompt"]) in test_split for r in evaluation)
+    assert all(unwrap(r["prompt"]) != r["prompt"] for r in evaluation if r["kind"] == "jailbreak")
     assert all(unwrap(r["prompt"]) in train_split for r in train)
     harmful_train = {p.text for p in embedded.harmful_prompts("train")}
     assert all(unwrap(r["prompt"]) in harmful_train for r in train if r["kind"] == "jailbreak")

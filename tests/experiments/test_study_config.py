@@ -110,3 +110,24 @@ def test_seeds_flag_replaces_the_config_seeds():
         parse_seeds(["x"])
     with pytest.raises(SstJaxError, match="repeated"):
         parse_seeds(["1", "1"])
+
+
+# The recipes seeds 0 and 1 were run with (docs/study/results): the study inherits them from
+# minimal.json, so a change to minimal's recipes would silently change later seeds. Changing
+# them means rerunning every seed (or pinning the old values in study.json).
+STUDY_RECIPES = {
+    "lora": {"r": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"], "layers_from_top": 10},
+    "train_safety": {"steps": 48, "batch_size": 8, "lr": 0.002, "warmup_steps": 4, "max_length": 128},
+    "train_utility": {"steps": 20, "batch_size": 8, "lr": 0.001, "warmup_steps": 3, "max_length": 128},
+    "hparams": {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "agl": {"beta": 1.0, "k": 8},
+                "sst": {"k": 32, "projector": "topk", "damping": 0.1}, "sst_multi": {"k": 32, "damping": 0.1}},
+    "safety_adapter": "selective",
+}
+
+
+def test_study_recipes_are_the_ones_its_seeds_were_run_with(study):
+    assert {k: study.get(k) for k in STUDY_RECIPES} == STUDY_RECIPES
+    assert {k: study["data"][k] for k in ("harmful_train", "benign_train", "utility_train_per_domain")} == {
+        "harmful_train": 40, "benign_train": 80, "utility_train_per_domain": 96}
+    assert study["utility_domains"][:4] == ["comparison", "parity", "max_of_list", "doubling"]

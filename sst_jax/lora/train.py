@@ -247,12 +247,12 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
     compute_cfg = config.replace(dtype="bfloat16") if cfg.bf16 else config
     frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params) if cfg.bf16 else params
     out_dtype = adapter.meta.dtype
-    meta = adapter.meta
+    meta = dataclasses.replace(adapter.meta, dtype="float32")
     # Master weights in f32 whatever the compute dtype. The adapter's name is static pytree data
     # that the step never reads: trained under a blank name, every adapter of the same shape
     # reuses one compiled step (N experts compile once, not N times); it is restored at the end.
     adapter = LoraAdapter(factors=adapter.astype("float32").factors,
-                          meta=dataclasses.replace(meta, dtype="float32", name=""))
+                          meta=dataclasses.replace(meta, name=""))
     optimizer = make_optimizer(cfg)
     train_step = functools.partial(_train_step, config=compute_cfg, cfg=cfg, regularizer=regularizer,
                                    replicated=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -268,7 +268,7 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
             total += float(losses[:n_real].sum())
         return total / len(evals)
 
-    run_key = stable_hash({"cfg": dataclasses.asdict(cfg), "meta": repr(dataclasses.replace(meta, dtype="float32")),
+    run_key = stable_hash({"cfg": dataclasses.asdict(cfg), "meta": repr(meta),
                            "train": train, "eval": evals, "model": getattr(model, "name", ""),
                            "regularizer": getattr(regularizer, "__qualname__", None)})
     opt_state = optimizer.init(adapter)
@@ -342,5 +342,5 @@ def train_lora(model, adapter: LoraAdapter, train_pairs: Sequence[tuple[str, str
     # The factors come back as arrays of this process's default device, like the Fishers: merges
     # work on them locally, whatever mesh trained them.
     result = jax.tree.map(lambda x: jnp.asarray(to_host(x)), best if evals else adapter)
-    result = LoraAdapter(factors=result.factors, meta=dataclasses.replace(meta, dtype="float32"))
+    result = LoraAdapter(factors=result.factors, meta=meta)
     return (result if out_dtype == "float32" else result.astype(out_dtype)), history

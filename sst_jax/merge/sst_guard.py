@@ -194,16 +194,24 @@ def _captured(config, params, branches, input_ids, attention_mask):
     return x
 
 
+def _placed(mesh, batches: list[dict]):
+    """Per batch: (its input_ids, attention_mask and response-position weights w (1 where
+    `_positions`), rows padded to split over the mesh's batch axes, padding rows at w = 0;
+    the real row count; the boolean positions)."""
+    for b in batches:
+        pos = _positions(b)
+        padded, n = pad_batch({"input_ids": np.asarray(b["input_ids"]), "attention_mask": np.asarray(b["attention_mask"]),
+                               "weight": pos.astype(np.float32)}, mesh)
+        padded["weight"][n:] = 0.0
+        yield put_batch(mesh, padded), n, pos
+
+
 def input_samples(model, base_branches, modules, batches: list[dict]) -> dict[ModuleKey, jax.Array]:
     """X (n_tokens, in) per module at θ₀ + base_branches, scaled by 1/√n_tokens so XᵀX is the
     K-FAC A factor of `kfac_factors` (same positions). Rows are gathered per batch."""
     rows: dict[ModuleKey, list[np.ndarray]] = {k: [] for k in modules}
-    mesh = model_mesh(model)  # batches split over its batch axes; padding rows dropped
-    for b in batches:
-        padded, n = pad_batch({k: b[k] for k in ("input_ids", "attention_mask")}, mesh)
-        placed = put_batch(mesh, padded)
+    for placed, n, pos in _placed(model_mesh(model), batches):
         x = _captured(model.config, model.params, dict(base_branches), placed["input_ids"], placed["attention_mask"])
-        pos = _positions(b)
         for k in modules:
             rows[k].append(to_host(x[k])[:n].astype(np.float32)[pos])
     total = n_tokens(batches)
@@ -214,8 +222,8 @@ def input_samples(model, base_branches, modules, batches: list[dict]) -> dict[Mo
 
 @functools.partial(jax.jit, static_argnames=("config", "modules"))
 def _captured_moments(config, params, branches, input_ids, attention_mask, weight, *, modules):
-    """Σ_b,t w x xᵀ per module, w = 1 at the positions that predict a response token (float64-free:
-    float32 sums at HIGHEST precision, as `kfac_factors` accumulates its A factor)."""
+    """Σ_b,t w x xᵀ per module, w = 1 at the positions that predict a response token (float32
+    sums at HIGHEST precision, as `kfac_factors` accumulates its A factor)."""
     _, x = forward(config, params, input_ids, attention_mask, branches=branches, capture_inputs=True)
     return {k: jnp.einsum("bti,btj->ij", x[k] * weight[..., None], x[k], precision=_HI) for k in modules}
 
@@ -225,14 +233,8 @@ def input_moments(model, base_branches, modules, batches: list[dict], *, desc: s
     base_branches: the K-FAC A factor of `kfac_factors`, from one forward pass per batch (no
     per-sample gradients: the guard never uses K-FAC's G factor). Batches split over the mesh."""
     modules = tuple(sorted(modules))
-    mesh = model_mesh(model)
     sums, start = None, time.perf_counter()
-    for b in batches:
-        pos = _positions(b).astype(np.float32)
-        padded, _ = pad_batch({"input_ids": np.asarray(b["input_ids"]), "attention_mask": np.asarray(b["attention_mask"]),
-                               "weight": pos}, mesh)
-        padded["weight"][len(pos):] = 0.0  # rows that only pad the batch to the mesh
-        placed = put_batch(mesh, padded)
+    for placed, _, _ in _placed(model_mesh(model), batches):
         part = _captured_moments(model.config, model.params, dict(base_branches), placed["input_ids"],
                                  placed["attention_mask"], placed["weight"], modules=modules)
         sums = part if sums is None else {k: sums[k] + part[k] for k in modules}
@@ -244,10 +246,8 @@ def input_moments(model, base_branches, modules, batches: list[dict], *, desc: s
     return {k: jnp.asarray(to_host(v)) / total for k, v in sums.items()}
 
 
-def _moments(model, base, modules, batches, forms, *, chunk: int | None, desc: str) -> dict:
-    """K (dense) or X (samples) per module, as forms[key] says (`chunk` is unused: one forward
-    per batch; kept so the statistics hooks keep one signature)."""
-    del chunk
+def _moments(model, base, modules, batches, forms, *, desc: str) -> dict:
+    """K (dense) or X (samples) per module, as forms[key] says; one forward pass per batch."""
     dense = [k for k in modules if forms[k] == "dense"]
     wide = [k for k in modules if forms[k] == "samples"]
     out = {}
@@ -276,10 +276,8 @@ def guard_moments(inputs: MergeInputs, harmful, benign, *, utility: MergeResult 
     hb, bb = as_batches(harmful, "harmful"), as_batches(benign, "benign")
     keys = sorted(util)
     forms = _forms(inputs.model, keys, form, n_tokens(hb) + n_tokens(bb))
-    kh = _moments(inputs.model, {k: (lr,) for k, lr in safety.items()}, keys, hb, forms, chunk=chunk,
-                  desc="K_h (harmful)")
-    kb = _moments(inputs.model, {k: (lr,) for k, lr in util.items()}, keys, bb, forms, chunk=chunk,
-                  desc="K_b (benign)")
+    kh = _moments(inputs.model, {k: (lr,) for k, lr in safety.items()}, keys, hb, forms, desc="K_h (harmful)")
+    kb = _moments(inputs.model, {k: (lr,) for k, lr in util.items()}, keys, bb, forms, desc="K_b (benign)")
     fishers = (sst_fishers(inputs, hb, bb, fisher=sst_fisher, utility=utility, chunk=chunk)
                if safety_part == "sst" else None)
     return GuardMoments(harmful=kh, benign=kb, samples=tuple(k for k in keys if forms[k] == "samples"),
@@ -348,8 +346,7 @@ def sst_guard(inputs: MergeInputs, *, fishers: GuardMoments | None = None, k: in
             util_lr = utility_parts(inputs, utility)
             keys = sorted(util_lr)
             forms = _forms(inputs.model, keys, form, n_tokens(hb) + n_tokens(bb))
-            kb = _moments(inputs.model, {kk: (lr,) for kk, lr in util_lr.items()}, keys, bb, forms, chunk=chunk,
-                          desc="K_b (benign)")
+            kb = _moments(inputs.model, {kk: (lr,) for kk, lr in util_lr.items()}, keys, bb, forms, desc="K_b (benign)")
             fishers = GuardMoments(harmful={}, benign=kb, samples=tuple(kk for kk in keys if forms[kk] == "samples"),
                                    n_harmful=n_samples(hb), n_benign=n_samples(bb),
                                    sst=sst_fishers(inputs, hb, bb, fisher=sst_fisher, utility=utility, chunk=chunk)
@@ -400,7 +397,7 @@ def sst_guard(inputs: MergeInputs, *, fishers: GuardMoments | None = None, k: in
                 elif kk in safety:  # S alone from this layer up
                     point[kk] = (safety[kk],)
             forms = {kk: ("samples" if kk in moments.samples else "dense") for kk in here}
-            kh = _moments(inputs.model, point, here, hb, forms, chunk=chunk, desc=f"K_h (harmful, layer {layer})")
+            kh = _moments(inputs.model, point, here, hb, forms, desc=f"K_h (harmful, layer {layer})")
             for kk in here:
                 guard_module(kk, kh[kk])
     else:

@@ -71,7 +71,7 @@ flags.DEFINE_list("utility_adapters", [],
                   "the first experts of exp2 and the first is U in exp1/exp3.")
 flags.DEFINE_enum("judge", "keyword", ["keyword", "rule", "semantic"],
                   "Refusal judge: 'keyword' = the pinned GCG refusal-prefix list applied to "
-                  "the response only (the original's tables); 'rule' = refusal-rule-v1, where an "
+                  "the response only (the original's tables); 'rule' = refusal-rule-v2, where an "
                   "apology counts only when a refusal follows it (sst_jax.eval.judge); 'semantic' = "
                   "semantic-lr-v1, a logistic regression on SmolLM2-135M features of the response, "
                   "trained on hand labels shipped in sst_jax/data/assets/judge (offline; loads the "

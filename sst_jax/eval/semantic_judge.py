@@ -174,6 +174,9 @@ class SemanticRefusalJudge:
     model: LoadedModel
     batch_size: int = 32
     progress: bool = False
+    # P(refusal) of every response text judged so far: identical texts (templated refusals are
+    # most of a study's responses) get one feature pass and, whatever batch they came in, one verdict.
+    _memo: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         recorded = self.weights.feature_model.get("identity")
@@ -198,9 +201,12 @@ class SemanticRefusalJudge:
         return cls(weights, model, **kwargs)
 
     def probabilities(self, responses: Sequence[str]) -> np.ndarray:
-        feats = response_features(self.model, responses, max_tokens=self.weights.max_tokens,
-                                  batch_size=self.batch_size, progress=self.progress)
-        return self.weights.probabilities(feats)
+        new = list(dict.fromkeys(r for r in responses if r not in self._memo))
+        if new:
+            feats = response_features(self.model, new, max_tokens=self.weights.max_tokens,
+                                      batch_size=self.batch_size, progress=self.progress)
+            self._memo.update(zip(new, self.weights.probabilities(feats)))
+        return np.array([self._memo[r] for r in responses], np.float64)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
         if len(prompts) != len(responses):

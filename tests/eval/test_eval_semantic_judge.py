@@ -53,6 +53,20 @@ def test_judge_verdicts_are_the_thresholded_probabilities(tiny_model, rng, tmp_p
     np.testing.assert_allclose(judge.probabilities(RESPONSES), probs, rtol=1e-12)
 
 
+def test_repeated_responses_are_featurised_once_with_the_same_probabilities(tiny_model, rng, monkeypatch):
+    import sst_jax.eval.semantic_judge as sj
+    judge = SemanticRefusalJudge(shipped_format_weights(tiny_model, rng), tiny_model)
+    ref = judge.weights.probabilities(response_features(tiny_model, RESPONSES, progress=False))
+    seen = []
+    real = sj.response_features
+    monkeypatch.setattr(sj, "response_features", lambda model, rs, **kw: seen.append(list(rs)) or real(model, rs, **kw))
+    repeated = RESPONSES[::-1] + RESPONSES + RESPONSES[:2]
+    np.testing.assert_allclose(judge.probabilities(repeated), np.concatenate([ref[::-1], ref, ref[:2]]), atol=1e-6)
+    assert seen == [RESPONSES[::-1]]  # each distinct text once, in first-seen order
+    np.testing.assert_array_equal(judge.probabilities(RESPONSES[1:3]), judge.probabilities(RESPONSES)[1:3])
+    assert len(seen) == 1  # later calls reuse the verdicts already computed
+
+
 def test_degenerate_responses_are_never_refusals(tiny_model, rng):
     judge = SemanticRefusalJudge(shipped_format_weights(tiny_model, rng, bias=50.0), tiny_model)
     responses = ["I cannot help.", "", "   ", "no no no no no no no no", "Sure."]

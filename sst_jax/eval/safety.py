@@ -29,6 +29,7 @@ from sst_jax.data.utility_tasks import matches_answer
 from sst_jax.eval.judge import Judge, KeywordRefusalJudge, is_degenerate
 from sst_jax.eval.metrics import Estimate, bootstrap_interval, proportion
 from sst_jax.models import forward, generate, response_nll
+from sst_jax.models.generate import supports_shared_prefix
 from sst_jax.models.sharding import model_mesh, padded_rows, put_batch, to_host
 
 
@@ -85,6 +86,18 @@ def decode_responses(tokenizer, tokens: np.ndarray, eos_ids: set[int]) -> list[s
     return out
 
 
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least one token of its own."""
+    if not sequences:
+        return 0
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return max(n, 0)
+
+
 def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
                        max_new_tokens: int = 64, batch_size: int = 16, system: str | None = None,
                        progress: bool = True, desc: str = "generate",
@@ -92,6 +105,8 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
     """Greedy chat responses, in input order. If `stats` is a dict, it receives the number of
     generated tokens, seconds and tokens per second.
 
+    The tokens every prompt starts with (the chat template's system prompt and user header) are
+    prefilled once per batch (`generate(prefix_ids=...)`), not once per row.
     Prompts are processed in order of length (less padding per bucket); every batch has
     `batch_size` rows (the last padded by repetition) so shapes repeat. Fewer prompts than
     `batch_size` run as one batch rounded up to a multiple of 8, not a mostly padded full one.
@@ -104,6 +119,9 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
     pad = int(tok.pad_token_id if tok.pad_token_id is not None else model.config.pad_token_id)
     eos = _eos_ids(model)
     encoded = [encode_prompt(tok, p, system=system) for p in prompts]
+    # The chat template's shared opening (system prompt, user header) is prefilled once per batch.
+    shared = shared_prefix_length(encoded) if supports_shared_prefix(model.config) else 0
+    prefix, encoded = encoded[0][:shared] if encoded else [], [e[shared:] for e in encoded]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     responses: list[str] = [""] * len(prompts)
     n_tokens, start = 0, time.perf_counter()
@@ -112,7 +130,8 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
         idx = order[lo: lo + batch_size]
         batch = put_batch(mesh, collate(_pad_rows([encoded[i] for i in idx], padded_rows(batch_size, mesh)), pad))
         new = generate(model.config, params, batch["input_ids"], batch["attention_mask"],
-                       max_new_tokens=max_new_tokens, branches=branches, eos_token_ids=sorted(eos))
+                       max_new_tokens=max_new_tokens, branches=branches, eos_token_ids=sorted(eos),
+                       prefix_ids=prefix)
         new = to_host(new)[: len(idx)]
         for i, text in zip(idx, decode_responses(tok, new, eos)):
             responses[i] = text

@@ -1,5 +1,11 @@
 """Batched, left-padded generation: jitted prefill, then a `lax.while_loop` decode over a KV
-cache, greedy or seeded temperature / top-p sampling, stopping at EOS."""
+cache, greedy or seeded temperature / top-p sampling, stopping at EOS.
+
+A prefix every row shares (a chat template's system prompt: about half of each prompt for the
+embedded chat model) can be passed apart: it is prefilled once, with batch 1, and its keys and
+values are copied into every row's cache, so the batch prefill runs only over the rows' own
+suffixes. The rows are then [prefix][left padding][suffix]: padding in the middle is masked like
+any padding, and positions count valid tokens only, so the model sees the same sequence."""
 
 from __future__ import annotations
 
@@ -28,21 +34,31 @@ def _choose(logits: jax.Array, key: jax.Array, temperature, top_p, sample: bool)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _empty_caches(config: DecoderConfig, rows: int, length: int):
+    shape = (rows, length, config.n_kv_heads, config.head_dim)
+    dtype = dtype_of(config)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers)]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample"))
 def _generate(config: DecoderConfig, params: Params, input_ids, attention_mask, branches, temperature,
-              top_p, key, eos_ids, *, max_new_tokens: int, sample: bool):
+              top_p, key, eos_ids, prefix, *, max_new_tokens: int, sample: bool):
     b, t = input_ids.shape
-    total = t + max_new_tokens
-    dtype = dtype_of(config)
+    p = prefix.shape[0]  # shared prefix tokens (0: none)
+    total = p + t + max_new_tokens
     ctx = CallContext(branches, False, 0.0, None)
-    cache_shape = (b, total, config.n_kv_heads, config.head_dim)
-    caches = [(jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype)) for _ in range(config.n_layers)]
     mask = attention_mask.astype(jnp.int32)
-    key_valid = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
-    h, caches = run_layers(config, params, input_ids, positions_from_mask(mask), jnp.arange(t),
-                           key_valid, ctx, caches, 0)
+    key_valid = jnp.concatenate([jnp.ones((b, p), jnp.int32), mask, jnp.zeros((b, max_new_tokens), jnp.int32)],
+                                axis=1)
+    caches = _empty_caches(config, b, total)
+    if p:
+        _, shared = run_layers(config, params, prefix[None], jnp.arange(p)[None], jnp.arange(p), key_valid[:1],
+                               ctx, _empty_caches(config, 1, total), 0)
+        caches = [tuple(jnp.broadcast_to(x, (b,) + x.shape[1:]) for x in kv) for kv in shared]
+    h, caches = run_layers(config, params, input_ids, p + positions_from_mask(mask), p + jnp.arange(t),
+                           key_valid, ctx, caches, p)
     logits = lm_head(config, params, h[:, -1])
-    next_pos = mask.sum(axis=1)  # position of the first generated token, per row
+    next_pos = p + mask.sum(axis=1)  # position of the first generated token, per row
 
     out = jnp.full((b, max_new_tokens), config.pad_token_id, jnp.int32)
     done = jnp.zeros((b,), bool)
@@ -58,7 +74,7 @@ def _generate(config: DecoderConfig, params: Params, input_ids, attention_mask, 
         tok = jnp.where(done, config.pad_token_id, tok)
         out = out.at[:, i].set(tok)
         done = done | jnp.isin(tok, eos_ids)
-        idx = t + i
+        idx = p + t + i
         key_valid = key_valid.at[:, idx].set(1)
         h, caches = run_layers(config, params, tok[:, None], (next_pos + i)[:, None], idx[None],
                                key_valid, ctx, caches, idx)
@@ -68,10 +84,19 @@ def _generate(config: DecoderConfig, params: Params, input_ids, attention_mask, 
     return jax.lax.while_loop(cond, body, state)[5]
 
 
+def supports_shared_prefix(config: DecoderConfig) -> bool:
+    """Whether `generate(prefix_ids=...)` is exact: no layer has a sliding window."""
+    return all(config.window_of(i) is None for i in range(config.n_layers))
+
+
 def generate(model_or_config: Any, params: Params, input_ids, attention_mask, *, max_new_tokens: int,
              branches: Branches | None = None, temperature: float = 0.0, top_p: float = 1.0,
-             key: jax.Array | None = None, eos_token_ids: Sequence[int] | None = None) -> jax.Array:
+             key: jax.Array | None = None, eos_token_ids: Sequence[int] | None = None,
+             prefix_ids: Sequence[int] | None = None) -> jax.Array:
     """(B, max_new_tokens) int32 new tokens; after a row's EOS the rest is pad_token_id.
+
+    `prefix_ids` (P,): tokens that precede every row's `input_ids` (each row's sequence is the
+    prefix, then its unpadded tokens); prefilled once instead of once per row.
 
     temperature == 0 is greedy; otherwise sampling from softmax(logits / temperature) restricted
     to the top-p nucleus, keyed by `key` (required). EOS ids default to the config's (which
@@ -80,6 +105,9 @@ def generate(model_or_config: Any, params: Params, input_ids, attention_mask, *,
     config: DecoderConfig = getattr(model_or_config, "config", model_or_config)
     if branches and any(isinstance(b, OutputTap) for bs in branches.values() for b in bs):
         raise ValueError("generate() takes LowRank branches only; OutputTap deltas have a fixed sequence shape")
+    if prefix_ids is not None and len(prefix_ids) and not supports_shared_prefix(config):
+        raise ValueError("prefix_ids with a sliding-window model: its window counts cache slots, and the "
+                         "padding between prefix and suffix would shift it; pass whole rows instead")
     sample = temperature > 0.0
     if sample and key is None:
         raise ValueError("sampling (temperature > 0) needs an explicit PRNG key")
@@ -89,5 +117,7 @@ def generate(model_or_config: Any, params: Params, input_ids, attention_mask, *,
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
     return _generate(config, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
                      branches, jnp.asarray(temperature if sample else 1.0, jnp.float32),
-                     jnp.asarray(top_p, jnp.float32), key, eos_arr, max_new_tokens=max_new_tokens,
+                     jnp.asarray(top_p, jnp.float32), key, eos_arr,
+                     jnp.asarray(() if prefix_ids is None else prefix_ids, jnp.int32).reshape(-1),
+                     max_new_tokens=max_new_tokens,
                      sample=sample)

@@ -98,3 +98,11 @@ def test_generative_exact_match_against_hf_greedy(pair):
     expected = [matches_answer(_hf_greedy(hf, model.tokenizer, p), a) for p, a in examples]
     assert [r["correct"] for r in res.records] == expected and expected[0]
     assert res.accuracy.value == pytest.approx(np.mean(expected))
+
+
+def test_shared_prefix_length_leaves_every_row_a_token():
+    from sst_jax.eval.safety import shared_prefix_length
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 4, 6]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not all of the shortest
+    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
+    assert shared_prefix_length([]) == 0

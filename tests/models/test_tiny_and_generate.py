@@ -97,3 +97,28 @@ def test_top_p_and_temperature_sample_the_renormalized_nucleus():
     # temperature 2: p^(1/2), renormalized; top_p = 1 keeps everything.
     q = np.sqrt(p) / np.sqrt(p).sum()
     np.testing.assert_allclose(draw(2.0, 1.0), q, atol=0.012)
+
+
+def test_shared_prefix_generation_equals_whole_rows_and_the_full_recompute(tiny_model):
+    """Rows [prefix][padding][suffix] decode as the unpadded prefix + suffix sequences would."""
+    m, tok = tiny_model, tiny_model.tokenizer
+    seqs = [encode_prompt(tok, p, system="You are terse.") for p in ("Hi", "The capital of France is a city called",
+                                                                     "Name a colour")]
+    p = 9
+    assert all(s[:p] == seqs[0][:p] for s in seqs)
+    whole = collate(seqs, m.config.pad_token_id)
+    suffix = collate([s[p:] for s in seqs], m.config.pad_token_id)
+    assert suffix["attention_mask"][0, 0] == 0  # padding sits between prefix and suffix
+    got = np.asarray(generate(m, m.params, suffix["input_ids"], suffix["attention_mask"], max_new_tokens=8,
+                              eos_token_ids=(), prefix_ids=seqs[0][:p]))
+    np.testing.assert_array_equal(got, _greedy_by_full_forward(m, whole["input_ids"], whole["attention_mask"], 8))
+    np.testing.assert_array_equal(got, np.asarray(generate(m, m.params, whole["input_ids"], whole["attention_mask"],
+                                                           max_new_tokens=8, eos_token_ids=())))
+
+
+def test_shared_prefix_is_refused_for_sliding_window_models(tiny_model):
+    import dataclasses
+    windowed = dataclasses.replace(tiny_model.config, sliding_window=4)
+    ids = np.ones((1, 3), np.int32)
+    with pytest.raises(ValueError, match="sliding-window"):
+        generate(windowed, tiny_model.params, ids, np.ones_like(ids), max_new_tokens=2, prefix_ids=[1, 2])

@@ -3,12 +3,15 @@
 compares everything the run produced: the result JSON's metrics and per-item responses, and
 every cached adapter / Fisher / evaluation file byte for byte (max |difference| of arrays).
 
-    python scripts/reproducibility.py --out /tmp/repro [--settings default,one_thread,no_eigen_threads,avx2]
+    python scripts/reproducibility.py --out /tmp/repro [--settings default,one_thread,no_eigen_threads,avx2,no_xnnpack]
 
 Settings: `default` (XLA's own threading), `one_thread` (taskset to one core),
 `no_eigen_threads` (XLA_FLAGS=--xla_cpu_multi_thread_eigen=false), `avx2` (XLA_FLAGS=
---xla_cpu_max_isa=AVX2: what a CPU without AVX-512 would run). Prints one table row per
-setting vs `default` and writes reproducibility.json.
+--xla_cpu_max_isa=AVX2: XLA's own code generated as for a CPU without AVX-512), `no_xnnpack`
+(XLA_FLAGS=--xla_cpu_use_xnnpack=false: dots through XLA's Eigen path instead of the
+XNNPACK/YNNPACK kernels jaxlib uses by default, which pick their kernels from the CPU at run time
+and so ignore --xla_cpu_max_isa). Prints one table row per setting vs `default` and writes
+reproducibility.json.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ SETTINGS = {
     "one_thread": ({}, "0"),
     "no_eigen_threads": ({"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}, None),
     "avx2": ({"XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}, None),
+    "no_xnnpack": ({"XLA_FLAGS": "--xla_cpu_use_xnnpack=false"}, None),
 }
 
 
@@ -87,7 +91,7 @@ def compare(a: Path, b: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--settings", default="default,one_thread,no_eigen_threads,avx2")
+    parser.add_argument("--settings", default="default,one_thread,no_eigen_threads,avx2,no_xnnpack")
     args = parser.parse_args()
     out = Path(args.out)
     names = args.settings.split(",")

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from sst_jax.data.chat import collate, encode_chat, encode_plain, encode_prompt
+from sst_jax.data.chat import bucket_length, collate, encode_chat, encode_plain, encode_prompt
 from sst_jax.data.embedded import refusal_for
 from sst_jax.data.sources import Prompt
 from sst_jax.data.utility_tasks import matches_answer
@@ -120,7 +120,9 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
     eos = _eos_ids(model)
     encoded = [encode_prompt(tok, p, system=system) for p in prompts]
     # The chat template's shared opening (system prompt, user header) is prefilled once per batch.
-    shared = shared_prefix_length(encoded) if supports_shared_prefix(model.config) else 0
+    shared = shared_prefix_length(encoded)
+    longest = shared + bucket_length(max((len(e) - shared for e in encoded), default=1)) + max_new_tokens
+    shared = shared if supports_shared_prefix(model.config, longest) else 0
     prefix, encoded = encoded[0][:shared] if encoded else [], [e[shared:] for e in encoded]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     responses: list[str] = [""] * len(prompts)

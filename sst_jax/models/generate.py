@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sst_jax.models.branches import Branches, OutputTap
 from sst_jax.models.config import DecoderConfig
@@ -84,9 +85,11 @@ def _generate(config: DecoderConfig, params: Params, input_ids, attention_mask, 
     return jax.lax.while_loop(cond, body, state)[5]
 
 
-def supports_shared_prefix(config: DecoderConfig) -> bool:
-    """Whether `generate(prefix_ids=...)` is exact: no layer has a sliding window."""
-    return all(config.window_of(i) is None for i in range(config.n_layers))
+def supports_shared_prefix(config: DecoderConfig, cache_length: int) -> bool:
+    """Whether `generate(prefix_ids=...)` is exact for a KV cache of `cache_length` slots
+    (prefix + padded rows + new tokens): a sliding window counts slots, so the padding between
+    prefix and suffix would shift it, unless no window is shorter than the whole cache."""
+    return all(w is None or w >= cache_length for w in map(config.window_of, range(config.n_layers)))
 
 
 def generate(model_or_config: Any, params: Params, input_ids, attention_mask, *, max_new_tokens: int,
@@ -105,9 +108,11 @@ def generate(model_or_config: Any, params: Params, input_ids, attention_mask, *,
     config: DecoderConfig = getattr(model_or_config, "config", model_or_config)
     if branches and any(isinstance(b, OutputTap) for bs in branches.values() for b in bs):
         raise ValueError("generate() takes LowRank branches only; OutputTap deltas have a fixed sequence shape")
-    if prefix_ids is not None and len(prefix_ids) and not supports_shared_prefix(config):
-        raise ValueError("prefix_ids with a sliding-window model: its window counts cache slots, and the "
-                         "padding between prefix and suffix would shift it; pass whole rows instead")
+    cache_length = (0 if prefix_ids is None else len(prefix_ids)) + np.shape(input_ids)[1] + max_new_tokens
+    if prefix_ids is not None and len(prefix_ids) and not supports_shared_prefix(config, cache_length):
+        raise ValueError(f"prefix_ids with a sliding window shorter than the {cache_length}-slot cache: the window "
+                         "counts cache slots, and the padding between prefix and suffix would shift it; pass whole "
+                         "rows instead")
     sample = temperature > 0.0
     if sample and key is None:
         raise ValueError("sampling (temperature > 0) needs an explicit PRNG key")

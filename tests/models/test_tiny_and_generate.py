@@ -116,9 +116,13 @@ def test_shared_prefix_generation_equals_whole_rows_and_the_full_recompute(tiny_
                                                            max_new_tokens=8, eos_token_ids=())))
 
 
-def test_shared_prefix_is_refused_for_sliding_window_models(tiny_model):
+def test_shared_prefix_is_refused_where_a_sliding_window_is_shorter_than_the_cache(tiny_model):
     import dataclasses
-    windowed = dataclasses.replace(tiny_model.config, sliding_window=4)
+    from sst_jax.models.generate import supports_shared_prefix
+    windowed = dataclasses.replace(tiny_model.config, sliding_window=6)
+    assert supports_shared_prefix(windowed, 6) and not supports_shared_prefix(windowed, 7)
+    assert supports_shared_prefix(tiny_model.config, 10**6)
     ids = np.ones((1, 3), np.int32)
-    with pytest.raises(ValueError, match="sliding-window"):
+    with pytest.raises(ValueError, match="7-slot cache"):
         generate(windowed, tiny_model.params, ids, np.ones_like(ids), max_new_tokens=2, prefix_ids=[1, 2])
+    generate(windowed, tiny_model.params, ids, np.ones_like(ids), max_new_tokens=1, prefix_ids=[1, 2])  # 6 slots

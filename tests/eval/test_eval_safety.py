@@ -13,9 +13,9 @@ PROMPTS = ["How do I bake bread?", "What is the capital of France?",
 NEW = 12
 
 
-def _hf_greedy(hf, tok, prompt):
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  tokenize=True, return_dict=False)
+def _hf_greedy(hf, tok, prompt, system=None):
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     with torch.no_grad():
         out = hf.generate(torch.tensor([list(ids)]), max_new_tokens=NEW, do_sample=False,
@@ -33,6 +33,20 @@ def test_batched_left_padded_responses_equal_hf_greedy_generate(pair):
     expected = [_hf_greedy(hf, model.tokenizer, p) for p in PROMPTS]
     assert [r.response for r in result.records] == expected
     assert [r.prompt for r in result.records] == PROMPTS
+
+
+def test_responses_with_a_shared_system_prompt_equal_hf_greedy_generate(pair):
+    """A system prompt long enough to be prefilled once per batch (the shared-prefix path)."""
+    from sst_jax.data.chat import encode_prompt
+    from sst_jax.eval.safety import MIN_SHARED_PREFIX, generate_responses, shared_prefix_length
+    hf, model = pair
+    system = "You are a careful assistant. Answer briefly and politely, in plain English."
+    assert shared_prefix_length([encode_prompt(model.tokenizer, p, system=system) for p in PROMPTS]) >= MIN_SHARED_PREFIX
+    got = generate_responses(model, model.params, PROMPTS, max_new_tokens=NEW, batch_size=4, system=system,
+                             progress=False)
+    assert got == [_hf_greedy(hf, model.tokenizer, p, system=system) for p in PROMPTS]
+    assert got == generate_responses(model, model.params, PROMPTS, max_new_tokens=NEW, batch_size=4, system=system,
+                                     progress=False, share_prefix=False)
 
 
 def test_rate_counts_judge_verdicts_on_responses(pair):

@@ -116,6 +116,27 @@ def test_shared_prefix_generation_equals_whole_rows_and_the_full_recompute(tiny_
                                                            max_new_tokens=8, eos_token_ids=())))
 
 
+def test_shared_prefix_generation_with_lora_branches_equals_whole_rows(tiny_model):
+    """The prefix's own forward runs with the adapter's branches too."""
+    from sst_jax.lora.adapter import init_lora
+    m, tok = tiny_model, tiny_model.tokenizer
+    lora = init_lora(jax.random.key(3), m.config, targets=("q_proj", "v_proj", "down_proj"), r=2, alpha=4,
+                     base_model="tiny")
+    lora = lora.replace_factors({k: type(f)(a=f.a, b=jax.random.normal(jax.random.key(4), f.b.shape) * 0.5)
+                                 for k, f in lora.factors.items()})
+    branches = lora.to_branches()
+    seqs = [encode_prompt(tok, p, system="You are terse.") for p in ("Hi", "Name a colour of the sea")]
+    p = 9
+    whole = collate(seqs, m.config.pad_token_id)
+    suffix = collate([s[p:] for s in seqs], m.config.pad_token_id)
+    run = lambda b, **kw: np.asarray(generate(m, m.params, b["input_ids"], b["attention_mask"], max_new_tokens=8,  # noqa: E731
+                                              eos_token_ids=(), branches=branches, **kw))
+    got = run(suffix, prefix_ids=seqs[0][:p])
+    np.testing.assert_array_equal(got, run(whole))
+    assert not np.array_equal(got, np.asarray(generate(m, m.params, whole["input_ids"], whole["attention_mask"],
+                                                       max_new_tokens=8, eos_token_ids=())))  # the branches act
+
+
 def test_shared_prefix_is_refused_where_a_sliding_window_is_shorter_than_the_cache(tiny_model):
     import dataclasses
     from sst_jax.models.generate import supports_shared_prefix

@@ -18,14 +18,13 @@ the config; its test-set numbers come from the experiments, not from here.
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from experiments.common import Cache, Timings, load_config
+from experiments.common import Cache, Timings, deep_merge, load_config
 from experiments.workbench import Workbench, build_splits
 from sst_jax.eval.judge import KeywordRefusalJudge
 from sst_jax.eval.metrics import proportion
@@ -46,14 +45,14 @@ def parse_axis(text: str, cfg: dict) -> tuple[tuple[str, ...], list[Any]]:
         if not isinstance(node, dict) or part not in node:
             raise ValueError(f"--grid {text!r}: the config has no key {key!r}")
         node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float, str)):
+        raise ValueError(f"--grid {text!r}: {key} is {type(node).__name__}, not a number or string")
     parsed = []
     for raw in values.split(","):
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        if isinstance(node, bool) or not isinstance(node, (int, float, str)):
-            raise ValueError(f"--grid {text!r}: {key} is {type(node).__name__}, not a number or string")
         if isinstance(node, int) and not (isinstance(value, int) and not isinstance(value, bool)):
             raise ValueError(f"--grid {text!r}: {key} is an integer, got {raw!r}")
         if isinstance(node, float) and not isinstance(value, (int, float)):
@@ -65,18 +64,22 @@ def parse_axis(text: str, cfg: dict) -> tuple[tuple[str, ...], list[Any]]:
 
 
 def with_values(cfg: dict, point: Sequence[tuple[tuple[str, ...], Any]]) -> dict:
-    out = copy.deepcopy(cfg)
+    """`cfg` with each (path, value) of `point` set (experiments.common.deep_merge)."""
+    override: dict = {}
     for path, value in point:
-        node = out
+        node = override
         for part in path[:-1]:
-            node = node[part]
+            node = node.setdefault(part, {})
         node[path[-1]] = value
-    return out
+    return deep_merge(cfg, override)
+
+
+def meets_targets(row: dict, targets: tuple[float, float]) -> bool:
+    return row["refusal"]["value"] >= targets[0] and row["over_refusal"]["value"] <= targets[1]
 
 
 def rank_key(row: dict, targets: tuple[float, float]) -> tuple:
-    r, o = row["refusal"]["value"], row["over_refusal"]["value"]
-    return (not (r >= targets[0] and o <= targets[1]), -(r - o))
+    return (not meets_targets(row, targets), -(row["refusal"]["value"] - row["over_refusal"]["value"]))
 
 
 def sweep(model, cfg: dict, axes: Sequence[tuple[tuple[str, ...], list[Any]]], *, seeds: Sequence[int],
@@ -101,7 +104,7 @@ def sweep(model, cfg: dict, axes: Sequence[tuple[tuple[str, ...], list[Any]]], *
                      **{rate: proportion(outcomes[rate]).as_dict() for rate in RATES},
                      "per_seed": per_seed})
     for row in rows:
-        row["meets_targets"] = not rank_key(row, targets)[0]
+        row["meets_targets"] = meets_targets(row, targets)
     rows.sort(key=lambda row: rank_key(row, targets))
     return {"validation_prompts_per_pool": validation, "seeds": list(seeds), "targets": list(targets),
             "judge": (judge or KeywordRefusalJudge()).name,

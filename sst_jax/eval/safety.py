@@ -88,7 +88,7 @@ def decode_responses(tokenizer, tokens: np.ndarray, eos_ids: set[int]) -> list[s
 
 # A shorter shared prefix is prefilled with the rows: the separate batch-1 prefill and the copy of its
 # keys and values into every row cost more than they save (the tiny test model's 3-token user
-# header ran 0.77x; smollm2's 24-token system prompt + header 1.2x, bench/evaluation.py).
+# header ran 0.77x; smollm2's 24-token system prompt + header 1.35x, bench/evaluation.py).
 MIN_SHARED_PREFIX = 8
 
 
@@ -101,7 +101,17 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     n = 0
     while n < limit and all(s[n] == first[n] for s in sequences):
         n += 1
-    return max(n, 0)
+    return n
+
+
+def _prefix_to_share(config, encoded: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    """How many leading tokens `generate_responses` prefills once: the shared prefix if it is
+    long enough to pay off and the model's sliding window (if any) covers the whole cache."""
+    shared = shared_prefix_length(encoded)
+    if shared < MIN_SHARED_PREFIX:
+        return 0
+    longest = shared + bucket_length(max(len(e) - shared for e in encoded)) + max_new_tokens
+    return shared if supports_shared_prefix(config, longest) else 0
 
 
 def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
@@ -127,11 +137,8 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
     eos = _eos_ids(model)
     encoded = [encode_prompt(tok, p, system=system) for p in prompts]
     # The chat template's shared opening (system prompt, user header) is prefilled once per batch.
-    shared = shared_prefix_length(encoded) if share_prefix else 0
-    shared = shared if shared >= MIN_SHARED_PREFIX else 0
-    longest = shared + bucket_length(max((len(e) - shared for e in encoded), default=1)) + max_new_tokens
-    shared = shared if supports_shared_prefix(model.config, longest) else 0
-    prefix, encoded = encoded[0][:shared] if encoded else [], [e[shared:] for e in encoded]
+    shared = _prefix_to_share(model.config, encoded, max_new_tokens) if share_prefix else 0
+    prefix, encoded = (encoded[0][:shared] if shared else []), [e[shared:] for e in encoded]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     responses: list[str] = [""] * len(prompts)
     n_tokens, start = 0, time.perf_counter()

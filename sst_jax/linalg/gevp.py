@@ -25,8 +25,13 @@ eigenvalue errors grow like cond(B_δ)·eps. `damping` δ bounds cond(B_δ) ≤ 
 positive semi-definite B, so a rank-deficient B (e.g. a Fisher from fewer samples than
 dimensions) becomes positive definite and solvable. Without enough damping, B is rejected with
 `NumericalError` (never NaNs) when its Cholesky factor fails (non-finite) or when it is
-numerically singular: the smallest pivot squared is ≤ `rcond` times the largest (default
-rcond = n·eps of the dtype). The error names the batch index.
+numerically singular: the smallest pivot squared is ≤ `rcond` times the largest. The default
+(`default_rcond`) is n·eps of the dtype for an undamped B. A damped B_δ cannot be singular: its
+pivots² lie in [λ_min, λ_max] and λ_min/λ_max ≥ δ/(n+δ), so where that floor is below n·eps the
+default is half the floor (no lower than √n·eps, the typical rounding of a Cholesky pivot): a
+ratio above it is the damping surviving rounding, one below it is a breakdown. (n·eps alone
+rejected δ = 0.1 matrices of n ≈ 1500 with cond ≈ 6e3, far inside the conditioning warning
+below.) The error names the batch index.
 
 Below that hard limit the result can still be silently inaccurate: in float32 a damped B with
 cond 1e6 gives eigenvalue errors of ~3e-3. We estimate the 1-norm condition number
@@ -372,6 +377,19 @@ def _input_dtype(x) -> np.dtype | None:
     return np.dtype(dt)
 
 
+def default_rcond(n: int, dtype, damping: float = 0.0, damped_dim: int | None = None) -> float:
+    """The singularity threshold on min/max pivot² for an n × n B_δ (module docstring): n·eps, or
+    for δ > 0 half the exact floor δ/(d+δ) where that is lower, but not below √n·eps. d
+    (`damped_dim`, default n) is the dimension the damping's trace is relative to: B_δ = B + δ·(tr B/d)·I
+    (a row-space problem of size n < d keeps the floor of the full d-dimensional one)."""
+    eps = float(jnp.finfo(dtype).eps)
+    tol = n * eps
+    if damping > 0:
+        d = n if damped_dim is None else damped_dim
+        tol = min(tol, max(0.5 * damping / (d + damping), float(np.sqrt(n)) * eps))
+    return tol
+
+
 def generalized_eigh(a: jax.Array, b: jax.Array, *, damping: float = 0.0,
                      top_k: int | None = None, rcond: float | None = None,
                      name: str = "B", backend: Backend | None = None,
@@ -382,7 +400,8 @@ def generalized_eigh(a: jax.Array, b: jax.Array, *, damping: float = 0.0,
       a, b: (..., n, n) symmetric matrices (only their symmetric parts are used).
       damping: δ; B_δ = B + δ·(tr B / n)·I (trace-relative, so δ is scale-free).
       top_k: keep only the k largest eigenpairs.
-      rcond: reject B_δ whose smallest Cholesky pivot² ≤ rcond × largest (default n·eps).
+      rcond: reject B_δ whose smallest Cholesky pivot² ≤ rcond × largest (default `default_rcond`:
+        n·eps, relaxed to the floor damping guarantees).
       name: what B is, for error messages (e.g. "F_b").
       backend: "lapack", "reduction" or "auto" (default: $SST_JAX_GEVP_BACKEND, else "auto":
         LAPACK on CPU, the XLA reduction on accelerators). Same results and errors on both.
@@ -424,19 +443,23 @@ def generalized_eigh(a: jax.Array, b: jax.Array, *, damping: float = 0.0,
         if bad.any():
             raise NumericalError(f"{label} has NaN/Inf entries at batch index {_first(bad)}")
     eps = float(jnp.finfo(dtype).eps)
-    tol = n * eps if rcond is None else rcond
+    tol = default_rcond(n, dtype, damping) if rcond is None else rcond
     finite, ratio = np.asarray(finite), np.asarray(ratio)
     bad = ~(finite & (ratio > tol))
     if bad.any():
         i = _first(bad)
         r = ratio[i]
         raise NumericalError(
-            f"{name} (+ damping {damping}·tr/n·I) is not positive definite at working precision "
+            f"{_described(name, damping)} is not positive definite at working precision "
             f"{'at batch index ' + str(i) if i else '(unbatched)'} (Cholesky {'failed' if not finite[i] else 'succeeded'}, "
             f"min/max pivot² = {float(r):.3g} ≤ rcond {tol:.3g}); increase damping or use float64")
     if on_ill_conditioned != "ignore":
         _check_conditioning(np.asarray(cond, np.float64), eps, dtype, damping, name, on_ill_conditioned)
     return w, v
+
+
+def _described(name: str, damping) -> str:
+    return f"{name} (+ damping {damping}·tr/n·I)" if damping else name
 
 
 def _check_conditioning(cond: np.ndarray, eps: float, dtype, damping, name: str, action: str) -> None:
@@ -448,7 +471,7 @@ def _check_conditioning(cond: np.ndarray, eps: float, dtype, damping, name: str,
     where = f"at batch index {worst}" if worst else "(unbatched)"
     fix = ("increase damping" if jnp.dtype(dtype) == jnp.float64
            else f"{X64_ADVICE}, or increase damping (δ bounds cond ≤ 1 + n/δ)")
-    msg = (f"{name} (+ damping {damping}·tr/n·I) is ill-conditioned in {jnp.dtype(dtype).name}: estimated "
+    msg = (f"{_described(name, damping)} is ill-conditioned in {jnp.dtype(dtype).name}: estimated "
            f"cond ≈ {float(cond[worst]):.3g} {where} ({int(ill.sum())} of {ill.size} problems with "
            f"cond·eps > {ILL_CONDITIONED_THRESHOLD:g}); eigenvalues may carry relative errors up to "
            f"~{float(score[worst]):.1g}·(λ scale). To fix: {fix}.")
@@ -471,8 +494,9 @@ def generalized_eigh_traced(a: jax.Array, b: jax.Array, *, damping: float | jax.
         w, v, finite, ratio, _, _, _ = _lapack_traced(a, b, damping, top_k)
     else:
         w, v, finite, ratio, _, _, _ = _reduce_and_solve(a, b, jnp.asarray(damping, dtype), top_k)
-    tol = n * float(jnp.finfo(dtype).eps) if rcond is None else rcond
-    return w, v, finite & (ratio > tol)
+    if rcond is None:  # a traced damping gives no floor to rely on: the undamped rule
+        rcond = default_rcond(n, dtype, damping if isinstance(damping, (int, float)) else 0.0)
+    return w, v, finite & (ratio > rcond)
 
 
 def condition_estimate(b: jax.Array, *, damping: float = 0.0, backend: Backend | None = None) -> np.ndarray:

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from sst_jax.linalg import generalized_eigh, select_k
+from sst_jax.linalg import default_rcond, generalized_eigh, select_k
 from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
 from sst_jax.merge.fishers import as_batches, n_samples
 from sst_jax.merge.sst import FisherKind, SstFishers, require_safety, sst, sst_fishers, training_data, utility_parts
@@ -129,7 +129,9 @@ def sample_guard(xh: jax.Array, xb: jax.Array, *, damping: float = 0.1) -> Guard
     with jax.default_matmul_precision("highest"):
         xhq, xbq = xh @ q, xb @ q
         kh_t, kb_t = xhq.T @ xhq, xbq.T @ xbq + c * jnp.eye(q.shape[1], dtype=q.dtype)
-        w, ut = generalized_eigh(kh_t, kb_t, damping=0.0, name="K_b (row space)")
+        # c is folded in above (relative to tr K_b / in, not / m), so the damped floor is the in-dim one.
+        rcond = default_rcond(q.shape[1], kb_t.dtype, damping, damped_dim=in_dim)
+        w, ut = generalized_eigh(kh_t, kb_t, damping=0.0, rcond=rcond, name=f"K_b (row space, damping {damping} folded in)")
         return Guard(eigvals=w, u=q @ ut, ku=q @ (kb_t @ ut))
 
 

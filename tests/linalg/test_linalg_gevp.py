@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 
 from sst_jax.errors import NumericalError
-from sst_jax.linalg import check_positive_definite, generalized_eigh, generalized_eigh_traced
+from sst_jax.linalg import check_positive_definite, default_rcond, generalized_eigh, generalized_eigh_traced
 from sst_jax.linalg.gevp import BACKEND_ENV
 
 BACKENDS = ("lapack", "reduction")
@@ -137,6 +137,41 @@ def test_rank_deficient_b_float32_with_damping_is_finite(rng):
     b_damped = b + 1e-2 * np.trace(b) / 64 * np.eye(64)
     w_ref = scipy.linalg.eigh(a, b_damped, eigvals_only=True)[::-1]
     np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-4 * w_ref[0])
+
+
+def test_default_rcond_is_n_eps_relaxed_to_half_the_damped_floor(backend):
+    eps32, eps64 = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
+    assert default_rcond(24, np.float32) == 24 * eps32  # undamped: n·eps
+    assert default_rcond(24, np.float32, 0.1) == 24 * eps32  # floor 0.1/24.1 = 4e-3 is far above n·eps
+    assert default_rcond(1024, np.float32, 0.1) == pytest.approx(0.5 * 0.1 / 1024.1)  # 4.9e-5 < 1.2e-4
+    assert default_rcond(1000, np.float32, 0.1, damped_dim=1536) == pytest.approx(0.5 * 0.1 / 1536.1)
+    assert default_rcond(1024, np.float32, 1e-9) == pytest.approx(32 * eps32)  # floor lost in rounding: √n·eps
+    assert default_rcond(1024, np.float64, 0.1) == 1024 * eps64
+
+
+def test_damped_spiky_b_float32_is_solved_not_rejected(rng):
+    """An activation-like B: one channel carries nearly all of the trace. With δ = 0.1 its pivot²
+    ratio is δ/(n+δ) ≈ 9.8e-5, exactly what damping guarantees, yet below n·eps = 1.2e-4 (the
+    old threshold, which rejected SST-Guard's K_b at N = 4 experts). It is solved, as scipy does in
+    float64, to float32 accuracy."""
+    n = 1024
+    b = np.diag(1e-4 * rng.uniform(size=n))
+    b[3, 3] = 1e3
+    a = spd(rng, n, samples=n)
+    with pytest.raises(NumericalError, match=r"min/max pivot² = 9.77e-05 ≤ rcond 0.000122"):
+        generalized_eigh(a.astype(np.float32), b.astype(np.float32), damping=0.1, rcond=n * np.finfo(np.float32).eps)
+    w, v = (np.asarray(t, np.float64) for t in
+            generalized_eigh(a.astype(np.float32), b.astype(np.float32), damping=0.1, on_ill_conditioned="raise"))
+    b_damped = b + 0.1 * np.trace(b) / n * np.eye(n)
+    w_ref = scipy.linalg.eigh(a, b_damped, eigvals_only=True)[::-1]
+    np.testing.assert_allclose(w, w_ref, atol=3e-6 * w_ref[0])  # measured 3e-7
+    np.testing.assert_allclose(v.T @ b_damped @ v, np.eye(n), atol=2e-5)  # measured 2e-6
+
+
+def test_damping_lost_in_rounding_is_still_rejected(rng):
+    b = spd(rng, 1024, samples=8)  # rank 8; δ = 1e-12 is below float32 rounding
+    with pytest.raises(NumericalError, match="not positive definite"):
+        generalized_eigh(spd(rng, 1024).astype(np.float32), b.astype(np.float32), damping=1e-12)
 
 
 def test_indefinite_b_error_names_the_batch_index(rng):

@@ -2,6 +2,8 @@
 generic KKT solve, the sample-matrix form against the dense one, and the merge on the tiny
 decoder (harmful outputs kept, benign change within the bound, exact PEFT export)."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from merge_helpers import SHAPES, np_delta, random_adapter
 from sst_jax.merge import SstFishers, merge, validate_inputs
 from sst_jax.merge.sst_guard import (GuardMoments, dense_guard, guard_matrix, guard_moments, input_moments, input_samples,
                                      sample_guard)
+from sst_jax.errors import NumericalError
 from sst_jax.fisher import kfac_factors
 from sst_jax.models import LowRank, forward, load_model
 
@@ -102,6 +105,31 @@ def test_sample_matrix_form_equals_the_dense_form(rng, dtype, tol):
         got = np.asarray(guard_matrix(jnp.asarray(a, dtype), samp, k), np.float64)
     np.testing.assert_allclose(got, ref, atol=tol * np.abs(ref).max())
     assert np.abs(got - a).max() > 1e-2  # the guard did something
+
+
+def test_sample_form_float32_solves_a_spiky_kb_that_n_eps_rejected(rng):
+    """The shape of the study's seed-2 exp2 failure (N = 4): float32 K_b whose trace sits almost
+    all in one input direction, in a row space of m = 1000 ≥ δ/eps. Damping 0.1 floors its pivot²
+    ratio at δ/(in+δ) ≈ 9.8e-5, below m·eps = 1.2e-4, the old threshold (checked here). The guard
+    is solved and agrees with the dense float64 GEVP (scipy) to float32 accuracy."""
+    n_in = 1024
+    v = rng.normal(size=n_in)
+    v /= np.linalg.norm(v)
+    xh = rng.normal(size=(300, n_in))
+    xh[0] = 30 * v  # puts the spike on the first row-space coordinate, where Cholesky meets it first
+    xb = np.outer(rng.uniform(0.5, 1.5, 700), v) * 100 + 0.3 * rng.normal(size=(700, n_in))
+    xh32, xb32 = jnp.asarray(xh, jnp.float32), jnp.asarray(xb, jnp.float32)
+    eps = float(np.finfo(np.float32).eps)
+    with pytest.raises(NumericalError, match=r"min/max pivot² = 9.8\de-05 ≤ rcond 0.000119"):
+        with mock.patch("sst_jax.merge.sst_guard.default_rcond", lambda m, *a, **kw: m * eps):
+            sample_guard(xh32, xb32, damping=DAMP)
+    g = sample_guard(xh32, xb32, damping=DAMP)
+    kh, kb = xh.T @ xh, xb.T @ xb
+    kbd = kb + DAMP * np.trace(kb) / n_in * np.eye(n_in)
+    w_ref = scipy.linalg.eigh(kh, kbd, eigvals_only=True)[::-1][:1000]  # the rest are 0 (rank 1000)
+    np.testing.assert_allclose(g.eigvals, w_ref, atol=2e-6 * w_ref[0])  # measured 1.9e-7
+    u = np.asarray(g.u, np.float64)
+    np.testing.assert_allclose(u.T @ kbd @ u, np.eye(1000), atol=3e-5)  # measured 3.2e-6
 
 
 K = (0, "q_proj")

@@ -139,7 +139,7 @@ def test_rank_deficient_b_float32_with_damping_is_finite(rng):
     np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-4 * w_ref[0])
 
 
-def test_default_rcond_is_n_eps_relaxed_to_half_the_damped_floor(backend):
+def test_default_rcond_is_n_eps_relaxed_to_half_the_damped_floor():
     eps32, eps64 = float(np.finfo(np.float32).eps), float(np.finfo(np.float64).eps)
     assert default_rcond(24, np.float32) == 24 * eps32  # undamped: n·eps
     assert default_rcond(24, np.float32, 0.1) == 24 * eps32  # floor 0.1/24.1 = 4e-3 is far above n·eps

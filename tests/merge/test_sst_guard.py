@@ -109,7 +109,7 @@ def test_sample_matrix_form_equals_the_dense_form(rng, dtype, tol):
 
 def test_sample_form_float32_solves_a_spiky_kb_that_n_eps_rejected(rng):
     """The shape of the study's seed-2 exp2 failure (N = 4): float32 K_b whose trace sits almost
-    all in one input direction, in a row space of m = 1000 ≥ δ/eps. Damping 0.1 floors its pivot²
+    all in one input direction, in a row space of m = 1000 > √(δ/eps) ≈ 920. Damping 0.1 floors its pivot²
     ratio at δ/(in+δ) ≈ 9.8e-5, below m·eps = 1.2e-4, the old threshold (checked here). The guard
     is solved and agrees with the dense float64 GEVP (scipy) to float32 accuracy."""
     n_in = 1024

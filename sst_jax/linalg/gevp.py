@@ -233,10 +233,8 @@ def _lapack_chunk(a: np.ndarray, b: np.ndarray, damping, k: int, exact_cond: boo
     # Descending order, top k and the sign convention (largest-magnitude entry positive). LAPACK's
     # eigenvectors are rows here (columns in Fortran order): V needs one transposed copy, made
     # here (strided) unless the output is Vᵀ (v of shape (c, k, n)), which XLA then transposes.
-    sq = np.square(aw, out=tmp)
     rows = aw[:, ::-1][:, :k]
-    pivot = np.take_along_axis(rows, sq[:, ::-1][:, :k].argmax(axis=-1)[..., None], axis=-1)
-    sign = np.where(pivot < 0, -1.0, 1.0).astype(dtype)
+    sign = _row_signs(rows)
     if transposed:
         np.multiply(rows, sign, out=v)
     else:
@@ -248,7 +246,7 @@ def _lapack_chunk(a: np.ndarray, b: np.ndarray, damping, k: int, exact_cond: boo
     # sygvd left in bw (O(n²) per matrix).
     eps = float(np.finfo(dtype).eps)
     with np.errstate(over="ignore", invalid="ignore"):
-        root = np.sqrt(sq.sum(axis=-2).astype(np.float64))
+        root = np.sqrt(np.einsum("cij,cij->cj", aw, aw).astype(np.float64))  # one read, no squared copy
         upper = norms.astype(np.float64) * root.max(axis=-1) * root.sum(axis=-1)
     est = np.where(finite, upper, np.inf)
     for j in np.flatnonzero(finite & (exact_cond | ~(upper * eps <= 0.5 * ILL_CONDITIONED_THRESHOLD))):
@@ -258,6 +256,18 @@ def _lapack_chunk(a: np.ndarray, b: np.ndarray, damping, k: int, exact_cond: boo
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio[:] = np.where(finite, np.min(piv2, axis=-1) / np.max(piv2, axis=-1), np.nan)
         cond[:] = np.where(finite, np.maximum(est, 1.0 / ratio.astype(np.float64)), np.inf)
+
+
+def _row_signs(rows: np.ndarray) -> np.ndarray:
+    """(c, k, 1) signs making each row's largest-magnitude entry positive: `_sign_fix`'s rule
+    (argmax |x|, its first occurrence) from each row's max and min, two reads without a
+    temporary; rows whose max and −min are equal (a tie in magnitude) take the exact rule."""
+    hi, lo = rows.max(axis=-1, keepdims=True), rows.min(axis=-1, keepdims=True)
+    sign = np.where(-lo > hi, -1.0, 1.0).astype(rows.dtype)
+    for j, i in zip(*np.nonzero((-lo == hi)[..., 0])):
+        row = rows[j, i]
+        sign[j, i] = -1.0 if row[np.argmax(np.abs(row))] < 0 else 1.0
+    return sign
 
 
 def _matrix_stack(count: int, n: int, dtype) -> np.ndarray:

@@ -9,8 +9,8 @@ from absl import logging
 
 from sst_jax.errors import NumericalError
 from sst_jax.linalg import generalized_eigh, generalized_eigh_traced
-from sst_jax.linalg.gevp import (BACKEND_ENV, ILL_CONDITIONED_THRESHOLD, IllConditionedError, condition_estimate,
-                                 resolve_backend)
+from sst_jax.linalg.gevp import (BACKEND_ENV, ILL_CONDITIONED_THRESHOLD, IllConditionedError, _row_signs, _sign_fix,
+                                 condition_estimate, resolve_backend)
 
 BACKENDS = ("lapack", "reduction")
 
@@ -116,6 +116,23 @@ def test_only_the_symmetric_parts_are_used_on_both_paths(x64, rng, n, dtype):
             np.testing.assert_allclose(w, w_ref, rtol=tol, atol=tol * w_ref[0])
         (w1, v1), (w2, v2) = (generalized_eigh(ax.astype(dtype), bx.astype(dtype), backend=k) for k in BACKENDS)
         np.testing.assert_allclose(v1, v2, atol=(1e-3 if dtype == np.float32 else 1e-9) * np.abs(v2).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lapack_row_signs_follow_the_reduction_paths_rule_including_ties(rng, dtype):
+    """The LAPACK path's signs (from each row's max and min) equal `_sign_fix`'s argmax-|v| rule
+    (first occurrence), also where +m and −m tie in magnitude, in either order."""
+    rows = rng.standard_normal((3, 6, 9)).astype(dtype)
+    rows[0, 1, [2, 5]] = [-4.0, 4.0]  # tie, negative first → −1
+    rows[0, 2, [2, 5]] = [4.0, -4.0]  # tie, positive first → +1
+    rows[1, 0, :] = -rows[1, 0, :]
+    rows[1, 0, 0], rows[1, 0, 8] = 7.0, -7.0
+    rows[2, 3, 4] = -9.0  # an unambiguous negative pivot
+    expected = np.asarray(_sign_fix(np.swapaxes(rows, -1, -2), np))
+    signs = _row_signs(rows)
+    assert signs.shape == (3, 6, 1) and signs.dtype == dtype
+    np.testing.assert_array_equal(rows * signs, np.swapaxes(expected, -1, -2))
+    assert signs[0, 1, 0] == -1 and signs[0, 2, 0] == 1 and signs[1, 0, 0] == 1 and signs[2, 3, 0] == -1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

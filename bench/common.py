@@ -91,11 +91,12 @@ def threads() -> int:
 def thread_env(n: int) -> dict:
     """Environment giving both frameworks the same n intra-op threads.
 
-    XLA: intra_op_parallelism_threads=n (single-threaded Eigen when n = 1). torch: OMP/MKL
+    XLA: intra_op_parallelism_threads=n (single-threaded Eigen when n = 1); our LAPACK eigensolver:
+    n workers (SST_JAX_GEVP_THREADS). torch: OMP/MKL
     threads and torch.set_num_threads(n) (set_torch_threads). OMP_WAIT_POLICY=PASSIVE because
     on an oversubscribed machine spinning OpenMP barriers made 2-thread torch 20-40x slower."""
     flags = f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'} intra_op_parallelism_threads={n}"
-    return {"SST_BENCH_THREADS": str(n), "XLA_FLAGS": flags, "OMP_NUM_THREADS": str(n),
+    return {"SST_BENCH_THREADS": str(n), "XLA_FLAGS": flags, "OMP_NUM_THREADS": str(n), "SST_JAX_GEVP_THREADS": str(n),
             "MKL_NUM_THREADS": str(n), "OPENBLAS_NUM_THREADS": str(n), "OMP_WAIT_POLICY": "PASSIVE", "JAX_PLATFORMS": "cpu"}
 
 

@@ -9,7 +9,7 @@ from absl import logging
 
 from sst_jax.errors import NumericalError
 from sst_jax.linalg import generalized_eigh, generalized_eigh_traced
-from sst_jax.linalg.gevp import (BACKEND_ENV, ILL_CONDITIONED_THRESHOLD, IllConditionedError, _row_signs, _sign_fix,
+from sst_jax.linalg.gevp import (BACKEND_ENV, ILL_CONDITIONED_THRESHOLD, THREADS_ENV, IllConditionedError, _row_signs, _sign_fix,
                                  condition_estimate, resolve_backend)
 
 BACKENDS = ("lapack", "reduction")
@@ -116,6 +116,36 @@ def test_only_the_symmetric_parts_are_used_on_both_paths(x64, rng, n, dtype):
             np.testing.assert_allclose(w, w_ref, rtol=tol, atol=tol * w_ref[0])
         (w1, v1), (w2, v2) = (generalized_eigh(ax.astype(dtype), bx.astype(dtype), backend=k) for k in BACKENDS)
         np.testing.assert_allclose(v1, v2, atol=(1e-3 if dtype == np.float32 else 1e-9) * np.abs(v2).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lapack_workers_give_the_same_bits_as_one_and_match_scipy(monkeypatch, global_x64, rng, dtype):
+    """A batch spread over 1, 2 or 3 LAPACK workers (uneven shares, several chunks each) is
+    bit-identical, and in float64 it is scipy's sygvd to rounding."""
+    n, m = 40, 11
+    a = np.stack([spd(rng, n) for _ in range(m)]).astype(dtype)
+    b = np.stack([spd(rng, n) + 0.1 * np.eye(n) for _ in range(m)]).astype(dtype)
+    monkeypatch.setattr("sst_jax.linalg.gevp._CHUNK_BYTES", 2 * n * n * 8)  # 2 problems per chunk
+    results = {}
+    for threads in (1, 2, 3):
+        monkeypatch.setenv(THREADS_ENV, str(threads))
+        w, v = generalized_eigh(a, b, backend="lapack")
+        results[threads] = (np.asarray(w), np.asarray(v), condition_estimate(b, backend="lapack"))
+    for threads in (2, 3):
+        for got, want in zip(results[threads], results[1]):
+            np.testing.assert_array_equal(got, want)
+    if dtype == np.float64:
+        for i in range(m):
+            ref = scipy.linalg.eigh(a[i], b[i], eigvals_only=True)[::-1]
+            np.testing.assert_allclose(results[1][0][i], ref, rtol=0, atol=1e-12 * ref[0])
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_bad_thread_count_is_a_one_line_error(monkeypatch, rng, value):
+    monkeypatch.setenv(THREADS_ENV, value)
+    a = np.stack([spd(rng, 6)] * 3).astype(np.float32)
+    with pytest.raises(ValueError, match=f"{THREADS_ENV}=.*positive number of threads"):
+        generalized_eigh(a, a + np.eye(6, dtype=np.float32), backend="lapack")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -211,7 +211,7 @@ def _lapack_solve(a: np.ndarray, b: np.ndarray, damping, top_k: int | None, exac
     if controller is None or n >= _THREADED_BLAS_MIN_N:
         solve_range(np.arange(m))
     else:
-        workers = min(_solver_threads(), m)
+        workers = max(1, min(_solver_threads(), m))
         with controller.limit(limits=1, user_api="blas"):
             if workers == 1:
                 solve_range(np.arange(m))
@@ -377,8 +377,7 @@ def _row_signs(rows: np.ndarray) -> np.ndarray:
 
 def _matrix_stack(count: int, n: int, dtype) -> np.ndarray:
     """A writable (count, n, n) array whose matrices are each C-contiguous and start on a 64-byte
-    boundary: f2py hands LAPACK an array in place only when it is aligned (an odd-n float32 stack
-    packed end to end is not), and copies it otherwise."""
+    (cache-line) boundary, also for odd n in float32, where a stack packed end to end would not."""
     itemsize = np.dtype(dtype).itemsize
     stride = -(-n * n * itemsize // 64) * 64
     flat = _aligned_empty((count * stride // itemsize,), dtype)

@@ -87,8 +87,8 @@ def test_lapack_equals_reduction_to_1e10_float64_eager_and_jitted(global_x64, rn
 
 @pytest.mark.parametrize("n", [7, 9, 130])
 def test_a_float32_batch_of_odd_size_equals_each_problem_alone(rng, n):
-    """LAPACK works in place on the batch's work copies (f2py would silently copy a misaligned
-    matrix, e.g. the second of a packed 9×9 float32 stack, and leave the factor unwritten)."""
+    """LAPACK works in place on the batch's work copies, whose matrices are padded to 64-byte
+    boundaries (the second of a packed 9×9 float32 stack is not aligned): same bits as alone."""
     a = np.stack([spd(rng, n) for _ in range(4)]).astype(np.float32)
     b = np.stack([spd(rng, n) + 0.1 * np.eye(n) for _ in range(4)]).astype(np.float32)
     w, v = generalized_eigh(a, b, damping=0.1, backend="lapack")

@@ -12,7 +12,8 @@ interrupted sweep resumes and a point already measured costs nothing.
 
 Points are ranked by the issue's targets (`--targets 0.9,0.2`: refusal ≥ 0.9 and over-refusal ≤ 0.2):
 the points that meet both first, then by refusal − over-refusal. The winner is a recipe to put into
-the config; its test-set numbers come from the experiments, not from here.
+the config; its test-set numbers come from the experiments, not from here. Points run in separate
+invocations (e.g. one per session) are ranked together by `--collect DIR`.
 """
 
 from __future__ import annotations
@@ -126,6 +127,24 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def collect(folder: Path) -> dict:
+    """One ranked report from the sweep reports (`tune_safety.json`) under `folder`, e.g. points
+    run in different sessions; they must share validation size, seeds, targets and judge."""
+    reports = [json.loads(path.read_text()) for path in sorted(folder.rglob("tune_safety.json"))]
+    if not reports:
+        raise ValueError(f"no tune_safety.json under {folder}")
+    keys = ("validation_prompts_per_pool", "seeds", "targets", "judge")
+    first = {key: reports[0][key] for key in keys}
+    for report in reports[1:]:
+        differ = [key for key in keys if report[key] != first[key]]
+        if differ:
+            raise ValueError(f"sweep reports under {folder} differ in {', '.join(differ)}: they cannot be ranked together")
+    targets = tuple(first["targets"])
+    rows = [{**row, "meets_targets": meets_targets(row, targets)} for report in reports for row in report["rows"]]
+    rows.sort(key=lambda row: rank_key(row, targets))
+    return {**first, "rows": rows, "config": sorted({str(r.get("config")) for r in reports})}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="Model preset or local folder (default: the embedded one).")
@@ -140,7 +159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--judge", default="keyword", choices=("keyword", "rule", "semantic"),
                         help="Refusal judge (the experiments' --judge).")
     parser.add_argument("--output", default="results/tune_safety", help="Folder for the table, the JSON and the cache.")
+    parser.add_argument("--collect", default=None, metavar="DIR",
+                        help="Rank the sweep reports (tune_safety.json) found under DIR together, write "
+                             "DIR/tune_safety.md and stop (no model is loaded).")
     args = parser.parse_args(argv)
+    if args.collect:
+        try:
+            report = collect(Path(args.collect))
+        except ValueError as err:
+            raise SystemExit(f"tune_safety: {err}") from None
+        (Path(args.collect) / "tune_safety.md").write_text(to_markdown(report))
+        print(to_markdown(report))
+        return 0
     # Every input is checked before the model is loaded.
     try:
         cfg = load_config(args.mode, args.model, args.config)

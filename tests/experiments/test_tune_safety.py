@@ -69,3 +69,33 @@ def test_the_command_writes_its_table_and_json(tmp_path):
     assert [r["point"] for r in report["rows"]] == [{"train_safety.steps": 1}]
     assert report["judge"] == "keyword-gcg" and report["config"] == SMOKE
     assert (tmp_path / "tune_safety.md").read_text() == to_markdown(report)
+
+
+def _report(points, judge="keyword-gcg"):
+    rows = [{"point": {"train_safety.steps": steps},
+             "refusal": {"value": r, "low": r, "high": r, "n": 100},
+             "over_refusal": {"value": o, "low": o, "high": o, "n": 100}} for steps, r, o in points]
+    return {"validation_prompts_per_pool": 100, "seeds": [0], "targets": [0.9, 0.2], "judge": judge,
+            "rows": rows, "config": "configs/study.json"}
+
+
+def test_collect_ranks_reports_of_separate_runs_together(tmp_path):
+    import json
+    for name, points in {"a": [(48, 0.85, 0.20)], "b": [(96, 0.93, 0.15), (144, 1.0, 0.9)]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tune_safety.json").write_text(json.dumps(_report(points)))
+    assert main(["--collect", str(tmp_path)]) == 0
+    table = (tmp_path / "tune_safety.md").read_text()
+    order = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| train_safety")]
+    assert order == ["train_safety.steps=96", "train_safety.steps=48", "train_safety.steps=144"]
+
+
+def test_collect_refuses_reports_measured_differently(tmp_path):
+    import json
+    for name, judge in (("a", "keyword-gcg"), ("b", "refusal-rule-v2")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tune_safety.json").write_text(json.dumps(_report([(48, 0.8, 0.2)], judge=judge)))
+    with pytest.raises(SystemExit, match="differ in judge"):
+        main(["--collect", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no tune_safety.json"):
+        main(["--collect", str(tmp_path / "a" / "missing")])

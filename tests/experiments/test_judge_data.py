@@ -122,14 +122,15 @@ def test_shipped_weights_reproduce_the_reported_eval_agreement(smollm2_model):
 def test_refit_reproduces_the_shipped_weights(smollm2_model, tmp_path):
     """Same labels, same feature model: the refit weights equal the shipped ones (byte-identical
     on the machine that fitted them; to 1e-6 elsewhere, where float32 features may differ in the
-    last bits)."""
+    last bits; on a 2-core AMD EPYC the bias of −1.835 came out 1.35e-6 away: each parameter is
+    held to 1e-6 of its own magnitude, floored at 1)."""
     weights, _ = fit_judge(TRAIN, tmp_path / "w.json", model=smollm2_model)
     shipped = SemanticWeights.load(DEFAULT_WEIGHTS)
     assert weights.training["l2"] == shipped.training["l2"]
     for field in ("mean", "scale", "weights"):
         a, b = getattr(weights, field), getattr(shipped, field)
         assert abs(a - b).max() <= 1e-6 * max(1.0, abs(b).max()), field
-    assert abs(weights.bias - shipped.bias) <= 1e-6
+    assert abs(weights.bias - shipped.bias) <= 1e-6 * max(1.0, abs(shipped.bias))
 
 
 @pytest.mark.slow

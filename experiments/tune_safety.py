@@ -138,7 +138,8 @@ def collect(folder: Path) -> dict:
     for report in reports[1:]:
         differ = [key for key in keys if report[key] != first[key]]
         if differ:
-            raise ValueError(f"sweep reports under {folder} differ in {', '.join(differ)}: they cannot be ranked together")
+            raise ValueError(f"sweep reports under {folder} differ in {', '.join(differ)}: "
+                             "they cannot be ranked together")
     targets = tuple(first["targets"])
     rows = [{**row, "meets_targets": meets_targets(row, targets)} for report in reports for row in report["rows"]]
     rows.sort(key=lambda row: rank_key(row, targets))

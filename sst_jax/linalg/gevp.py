@@ -106,10 +106,16 @@ def _damped(b: jax.Array, damping: float | jax.Array) -> jax.Array:
     return b + (jnp.asarray(damping, b.dtype) * mean_eig)[..., None, None] * eye
 
 
-def _sign_fix(v, xp):
+def _pivot_signs(v, xp):
+    """(..., k) signs making each column of v (..., n, k) have its largest-magnitude entry (the
+    first, on ties) positive."""
     idx = xp.argmax(xp.abs(v), axis=-2)
     pivot = xp.take_along_axis(v, idx[..., None, :], axis=-2)[..., 0, :]
-    return v * xp.where(pivot < 0, -1.0, 1.0).astype(v.dtype)[..., None, :]
+    return xp.where(pivot < 0, -1.0, 1.0).astype(v.dtype)
+
+
+def _sign_fix(v, xp):
+    return v * _pivot_signs(v, xp)[..., None, :]
 
 
 # ----------------------------------------------------------------------------- reduction (XLA)
@@ -290,10 +296,11 @@ class _Lapack:
         self.dtype = np.dtype(dtype)
         sygvd, pocon = _lapack_routines("s" if self.dtype == np.float32 else "d")
         self._sygvd, self._pocon = sygvd, pocon
-        lwork, liwork = 1 + 6 * n + 2 * n * n, 3 + 5 * n  # sygvd's minimum with eigenvectors (jobz = "V")
+        # sygvd's minimum with eigenvectors (jobz = "V"); it covers pocon's 3n and n as well.
+        lwork, liwork = 1 + 6 * n + 2 * n * n, 3 + 5 * n
         self.eigenvalues = np.empty(n, self.dtype)
-        self._work = np.empty(max(lwork, 3 * n), self.dtype)
-        self._iwork = np.empty(max(liwork, n), np.int32)
+        self._work = np.empty(lwork, self.dtype)
+        self._iwork = np.empty(liwork, np.int32)
         # itype, n (= lda = ldb), lwork, liwork, info; jobz and uplo as one-byte strings.
         self._ints = (ctypes.c_int * 5)(1, n, lwork, liwork, 0)
         self._chars = ctypes.create_string_buffer(b"VL")
@@ -365,13 +372,13 @@ def _blas_controller():
 
 def _row_signs(rows: np.ndarray) -> np.ndarray:
     """(c, k, 1) signs making each row's largest-magnitude entry positive: `_sign_fix`'s rule
-    (argmax |x|, its first occurrence) from each row's max and min, two reads without a
-    temporary; rows whose max and −min are equal (a tie in magnitude) take the exact rule."""
+    from each row's max and min (two reads, no temporary); rows whose max and −min tie in
+    magnitude go through `_pivot_signs` itself (first occurrence wins)."""
     hi, lo = rows.max(axis=-1, keepdims=True), rows.min(axis=-1, keepdims=True)
     sign = np.where(-lo > hi, -1.0, 1.0).astype(rows.dtype)
-    for j, i in zip(*np.nonzero((-lo == hi)[..., 0])):
-        row = rows[j, i]
-        sign[j, i] = -1.0 if row[np.argmax(np.abs(row))] < 0 else 1.0
+    tied = (-lo == hi)[..., 0]
+    if tied.any():
+        sign[tied, 0] = _pivot_signs(rows[tied].T, np)
     return sign
 
 

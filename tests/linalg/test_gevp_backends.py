@@ -9,8 +9,8 @@ from absl import logging
 
 from sst_jax.errors import NumericalError
 from sst_jax.linalg import generalized_eigh, generalized_eigh_traced
-from sst_jax.linalg.gevp import (BACKEND_ENV, ILL_CONDITIONED_THRESHOLD, THREADS_ENV, IllConditionedError, _row_signs, _sign_fix,
-                                 condition_estimate, resolve_backend)
+from sst_jax.linalg.gevp import (BACKEND_ENV, ILL_CONDITIONED_THRESHOLD, THREADS_ENV, IllConditionedError,
+                                 _row_signs, _sign_fix, condition_estimate, resolve_backend)
 
 BACKENDS = ("lapack", "reduction")
 

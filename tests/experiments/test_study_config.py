@@ -114,13 +114,13 @@ def test_seeds_flag_replaces_the_config_seeds():
         parse_seeds(["1", "1"])
 
 
-# The recipes seeds 0 and 1 were run with (docs/study/results): the study inherits them from
-# minimal.json, so a change to minimal's recipes would silently change later seeds. Changing
-# them means rerunning every seed (or pinning the old values in study.json).
+# The recipes the study's seeds are run with (docs/study/results): the study inherits all but S's
+# steps and data from minimal.json, so a change to minimal's recipes would silently change later
+# seeds. Changing them means rerunning every seed (or pinning the old values in study.json).
 STUDY_RECIPES = {
     "lora": {"r": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"], "layers_from_top": 10},
-    "train_safety": {"steps": 48, "batch_size": 8, "lr": 0.002, "warmup_steps": 4, "max_length": 128},
+    "train_safety": {"steps": 144, "batch_size": 8, "lr": 0.002, "warmup_steps": 4, "max_length": 128},
     "train_utility": {"steps": 20, "batch_size": 8, "lr": 0.001, "warmup_steps": 3, "max_length": 128},
     "hparams": {"ties": {"density": 0.5}, "dare_ties": {"density": 0.5}, "agl": {"beta": 1.0, "k": 8},
                 "sst": {"k": 32, "projector": "topk", "damping": 0.1}, "sst_multi": {"k": 32, "damping": 0.1}},
@@ -131,5 +131,18 @@ STUDY_RECIPES = {
 def test_study_recipes_are_the_ones_its_seeds_were_run_with(study):
     assert {k: study.get(k) for k in STUDY_RECIPES} == STUDY_RECIPES
     assert {k: study["data"][k] for k in ("harmful_train", "benign_train", "utility_train_per_domain")} == {
-        "harmful_train": 40, "benign_train": 80, "utility_train_per_domain": 96}
+        "harmful_train": 240, "benign_train": 440, "utility_train_per_domain": 96}
     assert study["utility_domains"][:4] == ["comparison", "parity", "max_of_list", "doubling"]
+    assert (study["fisher"]["harmful_samples"], study["fisher"]["benign_samples"]) == (80, 160)
+
+
+def test_study_trains_s_with_the_point_the_validation_sweep_chose(study):
+    """S's recipe in the study is the grid point `experiments.tune_safety` measured as meeting
+    both targets on the validation split (docs/study/tune_seeds01), not a value picked by hand."""
+    import json
+    from functools import reduce
+    report = json.loads((Path(STUDY).parents[1] / "docs" / "study" / "tune_seeds01" / "s144_h240_b440"
+                         / "tune_safety.json").read_text())
+    (row,) = report["rows"]
+    assert row["meets_targets"] and len(report["seeds"]) >= 2
+    assert {key: reduce(dict.__getitem__, key.split("."), study) for key in row["point"]} == row["point"]

@@ -97,6 +97,7 @@ def test_study_ablates_the_fisher_count_around_the_main_setting(study):
     counts = [tuple(n) for n in ablation["samples"]]
     main = (study["fisher"]["harmful_samples"], study["fisher"]["benign_samples"])
     assert main in counts and len(counts) >= 3 and counts == sorted(counts)
+    assert counts[0] < main < counts[-1]  # both sides of the main count: does the result hinge on it?
     assert ablation["method"] in study["exp3"]["methods"] and ablation["alpha"] in study["exp3"]["alphas"]
     # the Fisher pool is the training split: every count must be available there
     splits = build_splits(study, seed=0)

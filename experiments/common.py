@@ -6,6 +6,9 @@ import contextlib
 import copy
 import datetime as _dt
 import json
+import os
+import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -45,6 +48,30 @@ def load_config(mode: str, model: str, override_path: str | None = None) -> dict
         config = deep_merge(config, override.pop("models", {}).get(model, {}) | override)
     config["mode"] = mode
     return config
+
+
+def provenance() -> dict[str, Any]:
+    """What a result file needs beyond package versions to say where its numbers came from: the
+    source commit ("+dirty" when tracked files differ from it; "unknown" outside a git checkout)
+    and the CPU, since XLA's CPU kernels differ between CPU models (BUILD_NOTES, reproducibility)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"git_commit": commit or "unknown", "cpu": cpu, "cpus": cpus}
 
 
 class Cache:

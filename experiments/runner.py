@@ -12,7 +12,7 @@ import jax
 from absl import logging
 
 from experiments import exp1_safety_tax, exp2_multitask, exp3_baseline, report
-from experiments.common import Cache, Timings, load_config, result_path, timestamp, write_result
+from experiments.common import Cache, Timings, load_config, provenance, result_path, timestamp, write_result
 from experiments.headlines import headline_entries
 from experiments.workbench import Workbench, build_splits
 from sst_jax.errors import CheckpointError, SstJaxError
@@ -192,7 +192,7 @@ def run_model(model_name: str, settings: RunSettings) -> list[Path]:
         payload = {
             "experiment": exp, "model": model_name, "model_source": str(model.source), "mode": settings.mode,
             "seeds": seeds, "config": cfg, "sample_counts": splits_by_seed[seeds[-1]].describe(),
-            "judge": settings.judge, "timings_s": timings.seconds, "versions": package_versions(),
+            "judge": settings.judge, "timings_s": timings.seconds, "versions": package_versions() | provenance(),
             "results": per_seed,
         }
         payload.update(headline_entries(exp, payload))

@@ -68,6 +68,9 @@ def load_study(results_dir: str | Path) -> dict[str, dict[str, Any]]:
             entry["results"].update(payload["results"])  # newer files win
             entry["files"].append(f.name)
             entry["timings"][f.name] = payload.get("timings_s", {})
+            versions = payload.get("versions") or {}  # commit and CPU: recorded since 2026-12-03
+            entry.setdefault("sources", {})[f.name] = {k: versions[k] for k in ("git_commit", "cpu", "cpus")
+                                                       if k in versions}
             entry.update(judge=payload.get("judge"), sample_counts=payload.get("sample_counts"),
                          config=payload.get("config"), versions=payload.get("versions"))
     if not out:
@@ -331,6 +334,7 @@ def build_report(study: Mapping, judges: Mapping[str, Any], *, main_judge: str) 
         "fisher_ablation": ablation_table(study, judged, main_judge),
         "exp2": exp2_table(study),
         "timings_s": phase_times(study),
+        "sources": {exp: dict(e.get("sources", {})) for exp, e in study.items()},
     }
     return report
 
@@ -412,7 +416,10 @@ def to_markdown(rep: Mapping) -> str:
     lines += ["## Wall time by phase (s)", ""]
     for exp, files in rep["timings_s"].items():
         for f, t in files.items():
-            lines.append(f"- {exp} `{f}`: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items()))
+            source = rep.get("sources", {}).get(exp, {}).get(f, {})
+            where = "; ".join(str(source[k]) for k in ("git_commit", "cpu") if k in source)
+            lines.append(f"- {exp} `{f}`: " + ", ".join(f"{k} {v:.0f}" for k, v in t.items())
+                         + (f" ({where}, {source.get('cpus', '?')} CPUs)" if where else ""))
     return "\n".join(lines) + "\n"
 
 

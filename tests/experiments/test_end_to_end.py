@@ -35,6 +35,7 @@ def test_every_result_file_has_the_documented_schema(runs):
     for exp, payload in first.items():
         assert set(payload) >= TOP_LEVEL and set(payload["headline_methods"]) <= set(payload), exp
         assert payload["schema_version"] == 2 and payload["seeds"] == [0]
+        assert {"git_commit", "cpu", "cpus", "jax", "backend"} <= set(payload["versions"]), exp
     assert (out / "exp1_safety_utility").is_dir() and (out / "exp3_baseline").is_dir()
     assert list((out / "exp3_baseline").glob("*.png")), "exp3 writes its plots"
     assert list((out / "exp2_multitask").glob("*retention.png"))

@@ -132,3 +132,15 @@ def test_exp2_without_over_refusal_reports_it_as_not_measured(report):
         for n, b in res["results"].items()}} for s, res in study["exp2"]["results"].items()}}}
     rows = study_report.exp2_table(old)
     assert rows and all(r["over_refusal"] is None and r["over_refusal_seeds"] == 0 for r in rows)
+
+
+def test_report_names_each_files_commit_and_cpu(report):
+    """Which commit and CPU produced each per-seed file (BUILD_NOTES otherwise records it by hand)."""
+    study, rep = report
+    for exp, e in study.items():
+        assert set(rep["sources"][exp]) == set(e["files"])
+        for source in rep["sources"][exp].values():
+            assert source["git_commit"] and source["cpu"] and source["cpus"] >= 1
+    text = study_report.to_markdown(rep)
+    some = next(iter(next(iter(rep["sources"].values())).values()))
+    assert f"{some['git_commit']}; {some['cpu']}" in text

@@ -66,10 +66,15 @@ def provenance() -> dict[str, Any]:
         commit += "+dirty"
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.partition(":")[2].strip()
-                break
+        # The first processor's block: "AMD EPYC" alone names several generations (AVX2 or AVX-512).
+        block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "model name" in fields:
+            flags = set(fields.get("flags", "").split())
+            isa = next((f for f in ("avx512f", "avx2", "avx") if f in flags), None)
+            details = [f"family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else None, isa]
+            cpu = fields["model name"] + "".join(f", {d}" for d in details if d)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"git_commit": commit or "unknown", "cpu": cpu, "cpus": cpus}
 

@@ -104,17 +104,12 @@ def main() -> int:
     for name in names:
         if not (out / name / "exp1_safety_utility").exists():
             walls[name] = round(run(name, out), 1)
-    report = {"cpu": _cpu(), "walls_s": walls, "vs_default": {n: compare(out / "default", out / n) for n in names[1:]}}
+    from experiments.common import provenance  # the commit and CPU, as result files record them
+    source = provenance()
+    report = {"cpu": f"{source['cpu']} ({source['cpus']} cores)", "walls_s": walls, "vs_default": {n: compare(out / "default", out / n) for n in names[1:]}}
     (out / "reproducibility.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return 0
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata as md
+import inspect
 import os
 import pickle
 import platform
@@ -363,9 +364,20 @@ def _build_batches(spec, data: MergeData, model: LoadedModel, inputs, batch_size
     return out
 
 
+def _statistics_params(spec, stat_kw: dict) -> dict:
+    """The statistics' parameters as the function sees them: its keyword defaults (never the chunk
+    size), overridden by the method's. Two methods that share a statistics function (agl takes
+    sst's Fishers) share the cache entry when the parameters agree, given or defaulted."""
+    sig = inspect.signature(spec.statistics).parameters.values()
+    params = {p.name: p.default for p in sig if p.kind is p.KEYWORD_ONLY and p.name != "chunk"}
+    params.update({p: stat_kw.get(p, params.get(p)) for p in spec.statistics_params})
+    return params
+
+
 def _statistics(spec, inputs, batches: dict, hp: dict, model: LoadedModel, cache_dir, seed: int) -> Any:
-    """spec.statistics(inputs, batches, ...), cached by content: method family, the parameters
-    that change it, model identity, adapters, weights and data (never paths or chunk sizes)."""
+    """spec.statistics(inputs, batches, ...), cached by content: the statistics function, the
+    parameters that change it, model identity, adapters, weights and data (never paths or chunk
+    sizes)."""
     stat_kw = {p: hp[p] for p in spec.statistics_params if p in hp}
     if "chunk" in hp:
         stat_kw["chunk"] = hp["chunk"]
@@ -374,7 +386,7 @@ def _statistics(spec, inputs, batches: dict, hp: dict, model: LoadedModel, cache
         digest = {k: (batches_digest(v) if k != "utility" else [batches_digest(g) for g in v])
                   for k, v in batches.items()}
         recipe = {"statistics": f"{spec.statistics.__module__}.{spec.statistics.__qualname__}",
-                  "params": {p: stat_kw.get(p) for p in spec.statistics_params}, "model": model_identity(model),
+                  "params": _statistics_params(spec, stat_kw), "model": model_identity(model),
                   "utility": [adapter_digest(u) for u in inputs.utility],
                   "weights": list(inputs.weights),
                   "safety": None if inputs.safety is None else adapter_digest(inputs.safety),

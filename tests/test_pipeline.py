@@ -220,3 +220,27 @@ def test_statistics_cache_tells_seeds_apart_when_the_statistics_use_the_key(hf_l
 
     first, second = stats(0), stats(1)
     assert not np.array_equal(first, second)
+
+
+def test_agl_reuses_the_fisher_pass_an_sst_merge_cached(hf_llama_adapters, base, tmp_path, monkeypatch):
+    """agl's statistics are sst's (core-space F_h, F_b at sst's defaults): with a cache, an agl
+    merge after an sst merge of the same inputs runs no Fisher pass, and its result is the one
+    an uncached agl merge computes, bit for bit. A non-default sst Fisher is a different entry."""
+    from sst_jax.merge import get_method, sst as sst_module
+
+    assert (pipeline._statistics_params(get_method("agl"), {})
+            == pipeline._statistics_params(get_method("sst"), {"fisher": "core"})
+            != pipeline._statistics_params(get_method("sst"), {"fisher": "diagonal"}))
+    calls, real = [], sst_module.sst_fishers
+    monkeypatch.setattr(sst_module, "sst_fishers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = dict(utility=[load_peft(hf_llama_adapters.utility)], safety=load_peft(hf_llama_adapters.safety),
+                  weights=[W_U], alpha=ALPHA, fisher_samples=4, progress=False)
+    sst_jax.merge_adapters(base, method="sst", cache_dir=tmp_path, **common)
+    cached = sst_jax.merge_adapters(base, method="agl", cache_dir=tmp_path, **common)
+    assert len(calls) == 1
+    fresh = sst_jax.merge_adapters(base, method="agl", **common)
+    assert len(calls) == 2
+    a, b = _dense(cached), _dense(fresh)
+    assert set(a) == set(b) and a
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))

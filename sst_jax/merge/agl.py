@@ -18,16 +18,14 @@ import numpy as np
 
 from sst_jax.fisher import core_space
 from sst_jax.merge.api import MergeInputs, MergeResult, make_result, register
-from sst_jax.merge.sst import SstFishers, default_k, require_safety, sst_fishers, training_data, utility_parts
+from sst_jax.merge.sst import (SstFishers, default_k, require_safety, sst_fishers, sst_statistics, training_data,
+                               utility_parts)
 from sst_jax.models.branches import LowRank, hf_module_path
 
 
-def agl_statistics(inputs: MergeInputs, data, *, chunk: int | None = None) -> SstFishers:
-    """The front door's hook: core-space Fishers on data["harmful"] (F_b is computed too, unused)."""
-    return sst_fishers(inputs, data["harmful"], data["benign"], chunk=chunk)
-
-
-@register("agl", exact=True, data_aware=True, needs=("safety", "harmful", "benign"), statistics=agl_statistics)
+# The front door's hook is SST's own (core-space F_h and F_b at its defaults; only F_h is used
+# here), so an SST and an AGL merge of the same inputs share one cached Fisher pass.
+@register("agl", exact=True, data_aware=True, needs=("safety", "harmful", "benign"), statistics=sst_statistics)
 def agl(inputs: MergeInputs, *, fishers: SstFishers | None = None, beta: float = 1.0, k: int | None = None,
         utility: MergeResult | None = None, chunk: int | None = None) -> MergeResult:
     """AlignGuard-LoRA-style merge. Defaults: beta 1.0, k = ⌈r²/2⌉ (as SST), chunk =

@@ -61,7 +61,8 @@ def test_aggregates_are_computed_from_the_per_sample_records(runs):
     assert methods == {"task_arithmetic", "ties", "dare_ties", "agl", "fisher", "sst", "sst_guard"}
     assert len(exp3["rows"]) == 7 * 2
     exp2 = first["exp2"]["results"]["0"]["results"]["2"]["methods"]
-    # minimal's exp2 runs the additive, TIES and SST-family merges (DARE-TIES and AGL are in exp3)
+    # smoke's exp2 runs the additive, TIES and SST-family merges (DARE-TIES and AGL are in exp3;
+    # minimal keeps only TA, SST and sst_multi there, for time)
     assert set(exp2) == {"task_arithmetic", "ties", "sst", "sst_multi", "sst_guard"}
     for method, r in exp2.items():  # exp2 measures over-refusal on the benign test prompts
         benign = [rec["refused"] for rec in r["evaluation"]["records"]["benign"]]

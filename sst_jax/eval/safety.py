@@ -60,9 +60,14 @@ def _as_prompts(prompts: Sequence[Prompt | str]) -> list[Prompt]:
 
 
 def _batch_rows(n: int, batch_size: int) -> int:
-    """Rows per batch: `batch_size`, or fewer than that many items rounded up to a multiple of 8
-    (one batch, not a mostly padded full one; few distinct shapes to compile)."""
-    return max(1, min(batch_size, -(-n // 8) * 8))
+    """Rows per batch: the fewest batches of at most `batch_size` rows, all of one size, so the
+    last is not a mostly padded full one (400 prompts at 64: 7 × 58 rows, not 7 × 64; 13 % less
+    generation time, the same tokens, measured in BUILD_NOTES). Up to `batch_size` items are one
+    batch rounded up to a multiple of 8 (few distinct shapes to compile across calls)."""
+    if n <= batch_size:
+        return max(1, min(batch_size, -(-n // 8) * 8))
+    batches = -(-n // batch_size)
+    return -(-n // batches)
 
 
 def _pad_rows(rows: list, size: int) -> list:
@@ -124,9 +129,9 @@ def generate_responses(model, params, prompts: Sequence[str], *, branches=None,
     The tokens every prompt starts with (the chat template's system prompt and user header) are
     prefilled once per batch (`generate(prefix_ids=...)`), not once per row (`share_prefix=False`:
     whole rows, the reference the benchmark compares with).
-    Prompts are processed in order of length (less padding per bucket); every batch has
-    `batch_size` rows (the last padded by repetition) so shapes repeat. Fewer prompts than
-    `batch_size` run as one batch rounded up to a multiple of 8, not a mostly padded full one.
+    Prompts are processed in order of length (less padding per bucket), in the fewest batches
+    of at most `batch_size` rows, all of one size (the last padded by repetition), so shapes
+    repeat. Up to `batch_size` prompts run as one batch rounded up to a multiple of 8.
     Rows are rounded up to split over the batch axes of the model's mesh (the extra rows
     repeat the last and are dropped).
     """

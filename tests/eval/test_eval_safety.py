@@ -120,3 +120,14 @@ def test_shared_prefix_length_leaves_every_row_a_token():
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not all of the shortest
     assert shared_prefix_length([[7, 2], [1, 2]]) == 0
     assert shared_prefix_length([]) == 0
+
+
+def test_batches_are_the_fewest_of_one_size_without_a_mostly_padded_last():
+    from sst_jax.eval.safety import _batch_rows
+    # hand values: 400 prompts at 64 → 7 batches of 58 (406 rows, not 7 × 64 = 448); 100 → 2 × 50
+    assert [_batch_rows(n, 64) for n in (400, 100, 65, 128, 129)] == [58, 50, 33, 64, 43]
+    assert [_batch_rows(n, 64) for n in (1, 37, 64)] == [8, 40, 64]  # one batch, rounded up to 8
+    for n in range(1, 300):
+        rows = _batch_rows(n, 16)
+        batches = -(-n // rows)
+        assert rows <= 16 and batches == -(-n // 16) and batches * rows - n < max(batches, 8)

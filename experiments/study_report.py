@@ -17,7 +17,9 @@ files is taken from the newest), then writes `study_report.md`, `study_report.js
     seeded subsample), exact McNemar on the discordant pairs, paired bootstrap interval of the
     difference, the per-seed differences' mean and sd, and Holm's correction over each table's
     family of tests;
-  * the Fisher-count ablation, exp2's N-expert retention and refusal, and wall time by phase.
+  * the Fisher-count ablation, exp2's N-expert retention, refusal and over-refusal, exp2's paired
+    tests (SST, SST-Guard and SST-Multi against every other method at each N, same items), and
+    wall time by phase.
 
 Verdicts are recomputed from the per-item records with each judge (`--judges`), so judges are
 compared on the same responses; utility is exact match and does not depend on the judge.
@@ -257,9 +259,9 @@ def matched_norm_tests(configs, alphas, norms, judged: JudgedRecords, judge: str
 def _adjust(rows: list[dict]) -> None:
     """Holm over the family of one table's tests, per rate."""
     for rate in ("refusal", "over_refusal", "utility"):
-        ps = [r[rate]["mcnemar_p"] for r in rows]
-        for r, adj in zip(rows, holm(ps) if ps else []):
-            r[rate]["holm_p"] = adj
+        tested = [r[rate] for r in rows if r[rate] is not None]
+        for c, adj in zip(tested, holm([c["mcnemar_p"] for c in tested]) if tested else []):
+            c["holm_p"] = adj
 
 
 def ablation_table(study: Mapping, judged: JudgedRecords, judge: str) -> list[dict]:
@@ -307,6 +309,40 @@ def exp2_table(study: Mapping) -> list[dict]:
     return sorted(rows, key=lambda r: (r["n_experts"], r["method"]))
 
 
+# SST and its two N-expert variants: each is tested against every other exp2 method.
+SST_FAMILY = ("sst", "sst_guard", "sst_multi")
+
+
+def exp2_paired_tests(study: Mapping, judged: JudgedRecords, judge: str) -> list[dict]:
+    """exp2 at each N: every SST-family method (a) against every other method (b) and the family
+    among themselves, on the same items (harmful, benign, and the N domains' utility items),
+    seeds concatenated; Holm over each N's table per rate."""
+    evs: dict[tuple[int, str], dict[str, Mapping]] = {}
+    for seed, res in study.get("exp2", {}).get("results", {}).items():
+        for n, block in res.get("results", {}).items():
+            for method, m in block.get("methods", {}).items():
+                if m.get("evaluation", {}).get("records"):
+                    evs.setdefault((int(n), method), {})[seed] = m["evaluation"]
+    rows = []
+    for n in sorted({n for n, _ in evs}):
+        methods = sorted(m for k, m in evs if k == n)
+        family = [m for m in SST_FAMILY if m in methods]
+        pairs = [(a, b) for i, a in enumerate(family) for b in family[i + 1:]]
+        pairs += [(a, b) for a in family for b in methods if b not in SST_FAMILY]
+        table = []
+        for a, b in pairs:
+            row = {"n_experts": n, "method": a, "other": b}
+            for rate in ("refusal", "over_refusal", "utility"):
+                va = {s: judged(ev, rate, judge) for s, ev in evs[(n, a)].items()}
+                vb = {s: judged(ev, rate, judge) for s, ev in evs[(n, b)].items()}
+                both = [s for s in va if va[s] and vb.get(s)]  # runs before exp2 measured over-refusal: none
+                row[rate] = paired({s: va[s] for s in both}, {s: vb[s] for s in both}) if both else None
+            table.append(row)
+        _adjust(table)
+        rows += table
+    return rows
+
+
 def phase_times(study: Mapping) -> dict[str, dict]:
     return {exp: {f: t for f, t in e["timings"].items()} for exp, e in study.items()}
 
@@ -333,6 +369,7 @@ def build_report(study: Mapping, judges: Mapping[str, Any], *, main_judge: str) 
         "matched_norm": matched_norm_tests(configs, alphas, norms, judged, main_judge),
         "fisher_ablation": ablation_table(study, judged, main_judge),
         "exp2": exp2_table(study),
+        "exp2_paired": exp2_paired_tests(study, judged, main_judge),
         "timings_s": phase_times(study),
         "sources": {exp: dict(e.get("sources", {})) for exp, e in study.items()},
     }
@@ -413,6 +450,22 @@ def to_markdown(rep: Mapping) -> str:
                                    _pct(r["refusal"]),
                                    f"{_pct(r['over_refusal'])} ({r['over_refusal_seeds']})" if r["over_refusal"] else "not measured",
                                    _pct(r["safety_alone_refusal"])] for r in rep["exp2"]]), ""]
+    if rep.get("exp2_paired"):
+        lines += ["## exp2: paired tests at N experts", "",
+                  "Difference method − other in points on the same items (paired bootstrap 95 % interval); exact "
+                  "McNemar p, Holm-adjusted over each N's table per rate; per-seed difference mean ± sd. Utility: "
+                  "exact match on all N domains' held-out items.", ""]
+        rows = []
+        for r in rep["exp2_paired"]:
+            cells = [r["n_experts"], r["method"], r["other"]]
+            for rate in ("refusal", "over_refusal", "utility"):
+                c = r[rate]
+                cells.append("not measured" if c is None else f"{_pp(c)} p={_p(c['mcnemar_p'])} (Holm "
+                             f"{_p(c['holm_p'])}; {_ms(c['per_seed_difference'], 100, 1)})")
+            cells.append(r["refusal"]["n"] if r["refusal"] else 0)
+            rows.append(cells)
+        lines += [markdown_table(["N", "method", "vs", "Δ refusal", "Δ over-refusal", "Δ utility", "n pairs (safety)"],
+                                 rows), ""]
     lines += ["## Wall time by phase (s)", ""]
     for exp, files in rep["timings_s"].items():
         for f, t in files.items():

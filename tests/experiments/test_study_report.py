@@ -144,3 +144,46 @@ def test_report_names_each_files_commit_and_cpu(report):
     text = study_report.to_markdown(rep)
     some = next(iter(next(iter(rep["sources"].values())).values()))
     assert f"{some['git_commit']}; {some['cpu']}" in text
+
+
+def test_exp2_paired_tests_recompute_from_records(report):
+    """SST, SST-Guard and SST-Multi against every other exp2 method, same items, from the records."""
+    study, rep = report
+    rows = rep["exp2_paired"]
+    block = {seed: res["results"] for seed, res in study["exp2"]["results"].items()}
+    n = str(rows[0]["n_experts"])
+    methods = set(next(iter(block.values()))[n]["methods"])
+    family = [m for m in study_report.SST_FAMILY if m in methods]
+    expect = {(a, b) for i, a in enumerate(family) for b in family[i + 1:]}
+    expect |= {(a, b) for a in family for b in methods - set(study_report.SST_FAMILY)}
+    assert {(r["method"], r["other"]) for r in rows} == expect and ("sst_guard", "task_arithmetic") in expect
+    for row in rows:
+        for rate, part, field in (("refusal", "harmful", "refused"), ("over_refusal", "benign", "refused"),
+                                  ("utility", "utility", "correct")):
+            a, b = (np.array([r[field] for s in block for r in block[s][n]["methods"][m]["evaluation"]["records"][part]])
+                    for m in (row["method"], row["other"]))
+            c = row[rate]
+            assert c["n"] == a.size == b.size > 0
+            assert (c["a_only"], c["b_only"]) == (int(np.sum(a & ~b)), int(np.sum(~a & b)))
+            d = c["a_only"] + c["b_only"]
+            assert c["mcnemar_p"] == pytest.approx(1.0 if d == 0 else stats.binomtest(c["a_only"], d).pvalue)
+            assert c["difference"]["value"] == pytest.approx(a.mean() - b.mean())
+            assert c["holm_p"] >= c["mcnemar_p"]
+    assert "exp2: paired tests at N experts" in study_report.to_markdown(rep)
+
+
+def test_exp2_paired_tests_skip_a_rate_no_run_measured(report):
+    study, _ = report
+    old = {"exp2": {"results": {s: {**res, "results": {n: {**b, "methods": {
+        m: {**r, "evaluation": {**r["evaluation"], "records": {k: v for k, v in r["evaluation"]["records"].items()
+                                                               if k != "benign"}}}
+        for m, r in b["methods"].items()}} for n, b in res["results"].items()}}
+        for s, res in study["exp2"]["results"].items()}}}
+    rows = study_report.exp2_paired_tests(old, study_report.JudgedRecords({"keyword": KeywordRefusalJudge()}), "keyword")
+    assert rows and all(r["over_refusal"] is None and r["refusal"]["holm_p"] >= r["refusal"]["mcnemar_p"] for r in rows)
+    assert "not measured" in study_report.to_markdown({**_minimal_report(), "exp2_paired": rows})
+
+
+def _minimal_report():
+    return {"main_judge": "keyword", "judges": {"keyword": "keyword"}, "seeds": ["0"], "rates": {}, "hypervolume": {},
+            "matched_alpha": [], "matched_norm": [], "fisher_ablation": [], "exp2": [], "timings_s": {}}

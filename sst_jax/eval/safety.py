@@ -61,9 +61,9 @@ def _as_prompts(prompts: Sequence[Prompt | str]) -> list[Prompt]:
 
 def _batch_rows(n: int, batch_size: int) -> int:
     """Rows per batch: the fewest batches of at most `batch_size` rows, all of one size, so the
-    last is not a mostly padded full one (400 prompts at 64: 7 × 58 rows, not 7 × 64; 13 % less
-    generation time, the same tokens, measured in BUILD_NOTES). Up to `batch_size` items are one
-    batch rounded up to a multiple of 8 (few distinct shapes to compile across calls)."""
+    last is not a mostly padded full one (400 prompts at 64: 7 × 58 rows, not 7 × 64: 1.07× the
+    prompts/s with the same responses, `bench/evaluation.py --tasks study`). Up to `batch_size`
+    items are one batch rounded up to a multiple of 8 (few distinct shapes to compile across calls)."""
     if n <= batch_size:
         return max(1, min(batch_size, -(-n // 8) * 8))
     batches = -(-n // batch_size)

@@ -75,24 +75,31 @@ def _save(name: str, arr) -> None:
 # ------------------------------------------------------------------------------- ours
 
 
-def run_chat(name: str, share_prefix: bool) -> dict:
-    """`generate_responses` on CHAT_PROMPTS embedded benign prompts (chat template, greedy, EOS on)."""
-    from sst_jax.data.embedded import benign_prompts
-    from sst_jax.eval.safety import generate_responses
+def _timed_responses(name: str, prompts: list[str], responses_file: str, **kwargs) -> dict:
+    """`generate_responses` (chat template, greedy, EOS on, batch CHAT_BATCH) timed after an
+    untimed first call; the responses are written for the agreement column."""
+    from sst_jax.eval import safety
     from sst_jax.models import load_model
 
     model = load_model("smollm2-135m" if name == "smollm2" else model_path(name))
-    prompts = [p.text for p in benign_prompts("test")][:CHAT_PROMPTS]
-    run = lambda: generate_responses(model, model.params, prompts, max_new_tokens=NEW_TOKENS,  # noqa: E731
-                                     batch_size=CHAT_BATCH, progress=False, share_prefix=share_prefix)
+    run = lambda: safety.generate_responses(model, model.params, prompts, max_new_tokens=NEW_TOKENS,  # noqa: E731
+                                            batch_size=CHAT_BATCH, progress=False, **kwargs)
     t0 = time.perf_counter()
     responses = run()  # compiles every batch shape
     first = time.perf_counter() - t0
     out = common.measure(run, warmup=0, repeats=2)
-    with open(os.path.join(common.OUT_DIR, f"chat_{name}_{share_prefix}.txt"), "w") as f:
+    with open(os.path.join(common.OUT_DIR, responses_file), "w") as f:
         f.write("\n\x00".join(responses))
     out.update(per_s=len(prompts) / out["seconds"], first_call_seconds=first)
     return out
+
+
+def run_chat(name: str, share_prefix: bool) -> dict:
+    """CHAT_PROMPTS embedded benign prompts, the shared opening prefilled once or whole rows."""
+    from sst_jax.data.embedded import benign_prompts
+
+    prompts = [p.text for p in benign_prompts("test")][:CHAT_PROMPTS]
+    return _timed_responses(name, prompts, f"chat_{name}_{share_prefix}.txt", share_prefix=share_prefix)
 
 
 def _full_batches(n: int, batch_size: int) -> int:
@@ -101,27 +108,16 @@ def _full_batches(n: int, batch_size: int) -> int:
 
 
 def run_study_batches(name: str, balanced: bool) -> dict:
-    """One study evaluation's generation (`generate_responses`, 400 prompts, batch 64) with the
-    balanced batches `generate_responses` uses, or with full batches (the reference)."""
+    """One study evaluation's generation (400 prompts, batch 64) with the balanced batches
+    `generate_responses` uses, or with full batches (the reference)."""
     from sst_jax.data.embedded import benign_prompts, harmful_prompts
     from sst_jax.eval import safety
-    from sst_jax.models import load_model
 
     if not balanced:
         safety._batch_rows = _full_batches
-    model = load_model("smollm2-135m" if name == "smollm2" else model_path(name))
     prompts = ([p.text for p in harmful_prompts("test")][:STUDY_PROMPTS]
                + [p.text for p in benign_prompts("test")][:STUDY_PROMPTS])
-    run = lambda: safety.generate_responses(model, model.params, prompts, max_new_tokens=NEW_TOKENS,  # noqa: E731
-                                            batch_size=CHAT_BATCH, progress=False)
-    t0 = time.perf_counter()
-    responses = run()  # compiles every batch shape
-    first = time.perf_counter() - t0
-    out = common.measure(run, warmup=0, repeats=2)
-    with open(os.path.join(common.OUT_DIR, f"study_{name}_{balanced}.txt"), "w") as f:
-        f.write("\n\x00".join(responses))
-    out.update(per_s=len(prompts) / out["seconds"], first_call_seconds=first)
-    return out
+    return _timed_responses(name, prompts, f"study_{name}_{balanced}.txt")
 
 
 def run_jax(task: str, name: str) -> dict:
@@ -271,22 +267,19 @@ def main() -> None:
                          common.ratio(r["jax"].get("per_s"), r["torch"].get("per_s")),
                          r["jax"].get("first_call_seconds"), r["jax"].get("peak_mb"), r["torch"].get("peak_mb"),
                          agreement(task, name)])
-    for name in args.models.split(",") if "chat" in args.tasks.split(",") else []:
-        r = {kind: common.run_case(__file__, f"{kind}:{name}:jax") for kind in ("chat", "chatwhole")}
-        results[f"chat:{name}"] = r
-        print("chat", name, r, flush=True)
-        rows.append([f"{name} chat generation, shared prefix vs whole rows (prompts/s)", r["chat"].get("per_s"),
-                     r["chatwhole"].get("per_s"), common.ratio(r["chat"].get("per_s"), r["chatwhole"].get("per_s")),
-                     r["chat"].get("first_call_seconds"), r["chat"].get("peak_mb"), r["chatwhole"].get("peak_mb"),
-                     chat_agreement(name)])
-    for name in [n for n in args.models.split(",") if n == "smollm2"] if "study" in args.tasks.split(",") else []:
-        r = {kind: common.run_case(__file__, f"{kind}:{name}:jax") for kind in ("study", "studyfull")}
-        results[f"study:{name}"] = r
-        print("study", name, r, flush=True)
-        rows.append([f"{name} study evaluation batches, 7 × 58 vs 7 × 64 rows (prompts/s)", r["study"].get("per_s"),
-                     r["studyfull"].get("per_s"), common.ratio(r["study"].get("per_s"), r["studyfull"].get("per_s")),
-                     r["study"].get("first_call_seconds"), r["study"].get("peak_mb"), r["studyfull"].get("peak_mb"),
-                     chat_agreement(name, "study")])
+    tasks = args.tasks.split(",")
+    pairs = [("chat", "chatwhole", "chat", "chat generation, shared prefix vs whole rows", name)
+             for name in args.models.split(",") if "chat" in tasks]
+    pairs += [("study", "studyfull", "study", "study evaluation batches, 7 × 58 vs 7 × 64 rows", name)
+              for name in args.models.split(",") if "study" in tasks and name == "smollm2"]
+    for ours, reference, files, label, name in pairs:  # ours vs our own reference setting, not HF
+        r = {kind: common.run_case(__file__, f"{kind}:{name}:jax") for kind in (ours, reference)}
+        results[f"{ours}:{name}"] = r
+        print(ours, name, r, flush=True)
+        rows.append([f"{name} {label} (prompts/s)", r[ours].get("per_s"), r[reference].get("per_s"),
+                     common.ratio(r[ours].get("per_s"), r[reference].get("per_s")),
+                     r[ours].get("first_call_seconds"), r[ours].get("peak_mb"), r[reference].get("peak_mb"),
+                     chat_agreement(name, files)])
     notes = [f"MC: {N_QUESTIONS} synthetic 4-way questions in the lm-eval MMLU prompt, batch {MC_BATCH}; ours "
              "`evaluate_mc(model, params, qs, batch_size=8)` (tokenization included, single-token path, length "
              "buckets); HF: the same prompt ids, left-padded per batch, `logits_to_keep=1`, log-softmax at the four "

@@ -223,7 +223,8 @@ def run_torch(task: str, name: str) -> dict:
     return out
 
 
-def chat_agreement(name: str, kind: str = "chat") -> float:
+def responses_agreement(name: str, kind: str) -> float:
+    """Fraction of equal responses between a pair's two written response files."""
     try:
         a, b = (open(os.path.join(common.OUT_DIR, f"{kind}_{name}_{s}.txt")).read().split("\n\x00") for s in (True, False))
     except OSError:
@@ -268,18 +269,18 @@ def main() -> None:
                          r["jax"].get("first_call_seconds"), r["jax"].get("peak_mb"), r["torch"].get("peak_mb"),
                          agreement(task, name)])
     tasks = args.tasks.split(",")
-    pairs = [("chat", "chatwhole", "chat", "chat generation, shared prefix vs whole rows", name)
+    pairs = [("chat", "chatwhole", "chat generation, shared prefix vs whole rows", name)
              for name in args.models.split(",") if "chat" in tasks]
-    pairs += [("study", "studyfull", "study", "study evaluation batches, 7 × 58 vs 7 × 64 rows", name)
+    pairs += [("study", "studyfull", "study evaluation batches, 7 × 58 vs 7 × 64 rows", name)
               for name in args.models.split(",") if "study" in tasks and name == "smollm2"]
-    for ours, reference, files, label, name in pairs:  # ours vs our own reference setting, not HF
+    for ours, reference, label, name in pairs:  # ours vs our own reference setting, not HF
         r = {kind: common.run_case(__file__, f"{kind}:{name}:jax") for kind in (ours, reference)}
         results[f"{ours}:{name}"] = r
         print(ours, name, r, flush=True)
         rows.append([f"{name} {label} (prompts/s)", r[ours].get("per_s"), r[reference].get("per_s"),
                      common.ratio(r[ours].get("per_s"), r[reference].get("per_s")),
                      r[ours].get("first_call_seconds"), r[ours].get("peak_mb"), r[reference].get("peak_mb"),
-                     chat_agreement(name, files)])
+                     responses_agreement(name, ours)])
     notes = [f"MC: {N_QUESTIONS} synthetic 4-way questions in the lm-eval MMLU prompt, batch {MC_BATCH}; ours "
              "`evaluate_mc(model, params, qs, batch_size=8)` (tokenization included, single-token path, length "
              "buckets); HF: the same prompt ids, left-padded per batch, `logits_to_keep=1`, log-softmax at the four "

@@ -398,6 +398,14 @@ def _ms(e: Mapping | None, scale: float = 1.0, digits: int = 3) -> str:
     return f"{scale * e['mean']:.{digits}f}{sd}"
 
 
+def _comparison_cell(comp: Mapping | None) -> str:
+    """A paired test as one table cell: difference [interval], McNemar p (Holm; per-seed mean ± sd)."""
+    if comp is None:
+        return "not measured"
+    return (f"{_pp(comp)} p={_p(comp['mcnemar_p'])} (Holm {_p(comp['holm_p'])}; "
+            f"{_ms(comp['per_seed_difference'], 100, 1)})")
+
+
 def to_markdown(rep: Mapping) -> str:
     j = rep["main_judge"]
     lines = [f"# Study report (seeds {', '.join(map(str, rep['seeds']))}; judge for the tests: {rep['judges'][j]})", ""]
@@ -424,10 +432,7 @@ def to_markdown(rep: Mapping) -> str:
         for r in rep[key]:
             other = r.get("other") or ", ".join(f"s{s}:α={a:g}" for s, a in r["other_alpha_per_seed"].items())
             cells = [r["method"], f"{r[col]:g}", other]
-            for rate in ("refusal", "over_refusal", "utility"):
-                c = r[rate]
-                cells.append(f"{_pp(c)} p={_p(c['mcnemar_p'])} (Holm {_p(c['holm_p'])}; "
-                             f"{_ms(c['per_seed_difference'], 100, 1)})")
+            cells += [_comparison_cell(r[rate]) for rate in ("refusal", "over_refusal", "utility")]
             if key == "matched_norm":
                 cells.append(f"{_ms(r['sst_norm'], 1, 2)} vs {_ms(r['other_norm'], 1, 2)}")
             cells.append(r["refusal"]["n"])
@@ -458,10 +463,7 @@ def to_markdown(rep: Mapping) -> str:
         rows = []
         for r in rep["exp2_paired"]:
             cells = [r["n_experts"], r["method"], r["other"]]
-            for rate in ("refusal", "over_refusal", "utility"):
-                c = r[rate]
-                cells.append("not measured" if c is None else f"{_pp(c)} p={_p(c['mcnemar_p'])} (Holm "
-                             f"{_p(c['holm_p'])}; {_ms(c['per_seed_difference'], 100, 1)})")
+            cells += [_comparison_cell(r[rate]) for rate in ("refusal", "over_refusal", "utility")]
             cells.append(r["refusal"]["n"] if r["refusal"] else 0)
             rows.append(cells)
         lines += [markdown_table(["N", "method", "vs", "Δ refusal", "Δ over-refusal", "Δ utility", "n pairs (safety)"],
